@@ -1,0 +1,210 @@
+"""The ``quakeray`` command: parse arguments, run a subcommand, turn errors into exit codes.
+
+Heavy modules (torch, ray, mlflow) are imported inside each subcommand, so ``--help``
+and argument errors answer at once. Errors of the :class:`~quakeray.errors.QuakerayError`
+family print one line and exit with code 2; ``--debug`` re-raises them with the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from quakeray import __version__
+from quakeray.errors import EXIT_USAGE, QuakerayError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line and return the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return handler(args)
+    except QuakerayError as exc:
+        if args.debug:
+            raise
+        print(f"quakeray: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("quakeray: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(
+        prog="quakeray",
+        description="Earthquake magnitude from Sentinel-1 pairs: data, training and "
+        "hyperparameter search on Ray, tracked in MLflow.",
+    )
+    parser.add_argument("--version", action="version", version=f"quakeray {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show tracebacks and debug logs on errors"
+    )
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    _add_data_commands(commands)
+
+    train = commands.add_parser("train", help="train one backbone data-parallel with Ray Train")
+    _add_config_args(train)
+    train.add_argument("--resume", metavar="PATH", help="checkpoint directory to resume from")
+    train.set_defaults(handler=_cmd_train)
+
+    tune = commands.add_parser("tune", help="hyperparameter search with Ray Tune + Optuna")
+    _add_config_args(tune)
+    tune.add_argument(
+        "--resume", metavar="PATH", help="search directory to continue (Tune restore)"
+    )
+    tune.set_defaults(handler=_cmd_tune)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="evaluate a checkpoint or an MLflow run on a data split"
+    )
+    evaluate.add_argument("target", help="checkpoint directory, or an MLflow run id")
+    evaluate.add_argument("--split", choices=["train", "val", "test"], default="test")
+    evaluate.add_argument("--data", metavar="FILE", help="data file (default: the run's)")
+    evaluate.add_argument("--tracking-uri", help="MLflow tracking URI (default: config/env)")
+    evaluate.add_argument("--no-log", action="store_true", help="do not log to the MLflow run")
+    evaluate.set_defaults(handler=_cmd_evaluate)
+
+    report = commands.add_parser("report", help="paper-style table of a search from MLflow")
+    report.add_argument("experiment", help="MLflow experiment name (the search name)")
+    report.add_argument("--tracking-uri", help="MLflow tracking URI (default: env / ./mlflow.db)")
+    report.add_argument("--format", choices=["text", "markdown", "csv"], default="text")
+    report.set_defaults(handler=_cmd_report)
+    return parser
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", metavar="YAML", help="experiment file")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. loss.margin=0.05"
+    )
+    parser.add_argument(
+        "--smoke-test",
+        action="store_true",
+        help="tiny data, one short epoch: checks the whole path in about a minute",
+    )
+
+
+def _add_data_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    data = commands.add_parser("data", help="generate, inspect, download QuakeSet files")
+    data_commands = data.add_subparsers(title="data commands", metavar="COMMAND")
+
+    synth = data_commands.add_parser("synth", help="write a synthetic QuakeSet-format file")
+    synth.add_argument("out", type=Path, help="output HDF5 path")
+    synth.add_argument("--events", type=int, default=64, help="number of earthquakes")
+    synth.add_argument("--size", type=int, default=64, help="patch side in pixels")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--force", action="store_true", help="overwrite an existing file")
+    synth.set_defaults(handler=_cmd_data_synth)
+
+    inspect = data_commands.add_parser("inspect", help="summarise a QuakeSet-format file")
+    inspect.add_argument("file", type=Path)
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+    inspect.set_defaults(handler=_cmd_data_inspect)
+
+    stats = data_commands.add_parser(
+        "stats", help="compute per-channel normalisation statistics on the train split"
+    )
+    stats.add_argument("file", type=Path)
+    stats.add_argument("--out", type=Path, help="JSON path (default: FILE.stats.json)")
+    stats.set_defaults(handler=_cmd_data_stats)
+
+    download = data_commands.add_parser("download", help="download the published QuakeSet file")
+    download.add_argument("dir", type=Path, nargs="?", default=Path("data"))
+    download.set_defaults(handler=_cmd_data_download)
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from quakeray.config import SMOKE_TEST_OVERRIDES, load_config
+
+    overrides = list(args.overrides)
+    if args.smoke_test:
+        overrides = [*SMOKE_TEST_OVERRIDES, *overrides]
+    return load_config(args.config, overrides)
+
+
+def _cmd_data_synth(args: argparse.Namespace) -> int:
+    from quakeray.data.synthetic import write_synthetic
+
+    path = write_synthetic(
+        args.out, events=args.events, size=args.size, seed=args.seed, overwrite=args.force
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_data_inspect(args: argparse.Namespace) -> int:
+    from quakeray.data.inspect import inspect_file
+
+    report = inspect_file(args.file)
+    print(report.to_json() if args.json else report.format())
+    return 0
+
+
+def _cmd_data_stats(args: argparse.Namespace) -> int:
+    from quakeray.data.transforms import compute_stats, default_stats_path
+
+    stats = compute_stats(args.file)
+    out = stats.save(args.out or default_stats_path(args.file))
+    print(f"wrote {out}: mean {stats.format_mean()} std {stats.format_std()}")
+    return 0
+
+
+def _cmd_data_download(args: argparse.Namespace) -> int:
+    from quakeray.data.download import download
+
+    path = download(args.dir)
+    print(f"QuakeSet ready at {path}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from quakeray.train import run_training
+
+    run_training(_load(args), resume=args.resume)
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from quakeray.search import run_search
+
+    run_search(_load(args), resume=args.resume)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from quakeray.evaluate import evaluate_target
+
+    evaluate_target(
+        args.target,
+        split=args.split,
+        data_path=args.data,
+        tracking_uri=args.tracking_uri,
+        log=not args.no_log,
+    )
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from quakeray.report import print_report
+
+    print_report(args.experiment, tracking_uri=args.tracking_uri, fmt=args.format)
+    return 0

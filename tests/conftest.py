@@ -1,0 +1,131 @@
+"""Shared fixtures: real generated HDF5 files, a real local Ray, real MLflow stores.
+
+Everything here is the real thing at a small size: files from the project's own
+generator, ``ray.init(address="local")`` with a few logical CPUs, a sqlite MLflow store,
+and an ``mlflow server`` on 127.0.0.1 for HTTP tracking tests.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Ray reads these at start-up: no usage reporting, and room for a worker group to start on
+# a loaded 2-core CI machine (the default 60 s is reached under load).
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Tests never reach the internet: timm / huggingface must not try the hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_h5(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small generated QuakeSet-format file (24 events, 32 px), shared by the session.
+
+    Treat it as read-only; copy it when a test needs to modify a file.
+    """
+    from quakeray.data.synthetic import write_synthetic
+
+    path = tmp_path_factory.mktemp("quakeset") / "earthquakes.h5"
+    return write_synthetic(path, events=24, size=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[None]:
+    """A real local Ray with 4 logical CPUs and the dashboard, shared per test module.
+
+    The dashboard is needed: without it Train V2 cannot remove the placement group of a
+    stopped trial and the next trial waits for workers until it times out.
+    """
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        object_store_memory=256 * 1024**2,
+        log_to_driver=False,
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture()
+def mlflow_uri(tmp_path: Path) -> str:
+    """An absolute sqlite tracking URI in a fresh temp dir (one store per test)."""
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``mlflow server`` on 127.0.0.1 and a free port; yields its http:// URI."""
+    import requests
+
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+    log = (root / "server.log").open("w")
+    proc = subprocess.Popen(
+        [
+            mlflow_bin,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root / 'server.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()}")
+            try:
+                if requests.get(f"{uri}/health", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("mlflow server did not answer /health within 120 s")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
