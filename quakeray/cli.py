@@ -177,16 +177,18 @@ def _cmd_data_download(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = _load(args)  # before the heavy imports: config errors answer at once
     from quakeray.train import run_training
 
-    run_training(_load(args), resume=args.resume)
+    run_training(cfg, resume=args.resume)
     return 0
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
+    cfg = _load(args)  # before the heavy imports: config errors answer at once
     from quakeray.search import run_search
 
-    run_search(_load(args), resume=args.resume)
+    run_search(cfg, resume=args.resume)
     return 0
 
 

@@ -39,7 +39,7 @@ SpaceKind = Literal["uniform", "loguniform", "int", "logint", "choice"]
 class DataConfig:
     """Where the samples come from and how they are transformed."""
 
-    path: str = ""  # QuakeSet-format HDF5 file; "" = generate a synthetic one under run.storage_path
+    path: str = ""  # QuakeSet-format HDF5 file; "" = generate one under run.storage_path/data
     synthetic_events: int = 64  # events in the generated file (used when path is "")
     synthetic_size: int = 64  # patch side in pixels of the generated file
     synthetic_seed: int = 0  # seed of the generated file
@@ -120,7 +120,7 @@ class RunConfig:
     storage_path: str = "ray_results"  # checkpoints and Tune state; s3://... or NFS on clusters
     checkpoints_to_keep: int = 2  # top-k checkpoints by val_MAE
     ray_address: str = ""  # "" = $RAY_ADDRESS, else start a local Ray
-    num_cpus: int = 0  # logical CPUs of a local Ray; 0 = what the jobs need, at least os.cpu_count()
+    num_cpus: int = 0  # logical CPUs of a local Ray; 0 = max(os.cpu_count(), what jobs need)
 
 
 @dataclass
@@ -150,6 +150,8 @@ class SearchConfig:
     metric: str = "val_MAE"  # reported metric to optimise
     mode: Literal["min", "max"] = "min"
     seed: int = 0  # Optuna TPE sampler seed
+    # Searched fields -> distributions. A space written in a file or override replaces this
+    # default (the space written is the space searched); override entries add to the file's.
     space: dict[str, SpaceParam] = field(default_factory=_default_space)
     reference_points: bool = True  # evaluate MSE-only and the paper's point first
     asha: bool = True  # early stopping with ASHA
@@ -260,7 +262,7 @@ def flatten(cfg: ExperimentConfig) -> dict[str, Any]:
     for section, values in to_dict(cfg).items():
         for key, value in values.items():
             if section == "search" and key == "space":
-                for name, param in getattr(cfg.search, "space").items():
+                for name, param in cfg.search.space.items():
                     flat[f"search.space.{name}"] = describe_param(param)
             else:
                 flat[f"{section}.{key}"] = value
@@ -353,7 +355,10 @@ def validate_config(cfg: ExperimentConfig) -> None:
         (cfg.run.checkpoints_to_keep >= 1, "run.checkpoints_to_keep must be >= 1"),
         (cfg.run.num_cpus >= 0, "run.num_cpus must be >= 0 (0 = automatic)"),
         (bool(cfg.tracking.experiment), "tracking.experiment must not be empty"),
-        (cfg.search.num_samples >= 1, f"search.num_samples must be >= 1, got {cfg.search.num_samples}"),
+        (
+            cfg.search.num_samples >= 1,
+            f"search.num_samples must be >= 1, got {cfg.search.num_samples}",
+        ),
         (cfg.search.max_concurrent >= 1, "search.max_concurrent must be >= 1"),
         (cfg.search.grace_period >= 1, "search.grace_period must be >= 1 epoch"),
         (cfg.search.reduction_factor >= 2, "search.reduction_factor must be >= 2"),
@@ -380,9 +385,7 @@ def validate_space(space: Mapping[str, SpaceParam]) -> None:
     for name, param in space.items():
         where = f"search.space.{name}"
         if name not in known:
-            raise ConfigError(
-                f"config: {where}: no such config field{_did_you_mean(name, known)}"
-            )
+            raise ConfigError(f"config: {where}: no such config field{_did_you_mean(name, known)}")
         if param.kind == "choice":
             if not param.choices:
                 raise ConfigError(f"config: {where}: choice needs a non-empty 'choices' list")
@@ -414,7 +417,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections, not {type(loaded).__name__}")
+        raise ConfigError(
+            f"{path}: top level must be a mapping of sections, not {type(loaded).__name__}"
+        )
     return loaded
 
 
@@ -463,8 +468,7 @@ def _check_keys(raw: Mapping[str, Any], cls: type, *, prefix: str, source: str) 
     for key, value in raw.items():
         if key not in names:
             raise ConfigError(
-                f"{source}: unknown key '{prefix}{key}'"
-                f"{_did_you_mean(str(key), names, prefix)}"
+                f"{source}: unknown key '{prefix}{key}'{_did_you_mean(str(key), names, prefix)}"
             )
         sub = _dataclass_type(cls, key)
         if sub is not None:
