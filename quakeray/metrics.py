@@ -1,0 +1,192 @@
+"""Evaluation metrics for magnitude predictions, computed exactly on full arrays.
+
+:func:`regression_metrics` returns unprefixed names (``MAE``, ``RMSE``, ...); callers add
+the split prefix (``val_MAE``, ``test_MAE``), torchgeo's naming. A value that is undefined
+for the given data (a correlation of a constant, the MAE of no positives) is
+``float("nan")``, never an exception: an epoch that predicts a constant is a result to
+record, not a crash.
+
+Example:
+    >>> m = regression_metrics(np.array([0.0, 5.0, 6.5]), np.array([0.0, 5.5, 6.0]))
+    >>> m["MAE"], m["rank_acc"], m["detection_acc"]
+    (0.3333333333333333, 1.0, 1.0)
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+from scipy import stats
+
+__all__ = [
+    "AFFECTED_THRESHOLD",
+    "DEFAULT_BIN_EDGES",
+    "METRIC_NAMES",
+    "pairwise_ranking_accuracy",
+    "per_bin_errors",
+    "regression_metrics",
+]
+
+NAN = float("nan")
+
+AFFECTED_THRESHOLD = 1.0
+"""A predicted magnitude at or above this means "affected by an earthquake" (the paper's code)."""
+
+DEFAULT_BIN_EDGES: tuple[float, ...] = (0, 0.5, 4.5, 5, 5.5, 6, 6.5, 7, 10)
+"""Magnitude bins for :func:`per_bin_errors`: negatives (0), then half-magnitude steps."""
+
+METRIC_NAMES: tuple[str, ...] = (
+    "MAE",
+    "RMSE",
+    "spearman",
+    "kendall",
+    "rank_acc",
+    "detection_acc",
+    "MAE_pos",
+)
+"""The keys of :func:`regression_metrics`, in order."""
+
+# Pairs are compared in row blocks so memory stays ~BLOCK * n booleans for any n.
+_BLOCK = 1024
+
+
+def regression_metrics(
+    pred: ArrayLike, target: ArrayLike, labels: ArrayLike | None = None
+) -> dict[str, float]:
+    """Error, rank and detection metrics of magnitude predictions.
+
+    Args:
+        pred: Predicted magnitudes, shape ``(N,)``.
+        target: True magnitudes (0 for negatives), shape ``(N,)``.
+        labels: 1 = affected (positive pair), 0 = not; None derives them as ``target > 0``.
+
+    Returns:
+        ``MAE``, ``RMSE``; ``spearman`` and ``kendall`` (tau-b) correlations; ``rank_acc``,
+        the pairwise ranking accuracy (:func:`pairwise_ranking_accuracy`); ``detection_acc``,
+        the accuracy of ``pred >= 1`` as "affected" against the labels; ``MAE_pos``, the MAE
+        over the positives alone. NaN where undefined.
+
+    Raises:
+        ValueError: The arrays are not 1-D of one common length.
+    """
+    p, t = _as_1d(pred, "pred"), _as_1d(target, "target")
+    _same_length(p, t, "target")
+    if labels is None:
+        positive = t > 0
+    else:
+        lab = _as_1d(labels, "labels")
+        _same_length(p, lab, "labels")
+        positive = lab == 1
+    err = p - t
+    return {
+        "MAE": _mean(np.abs(err)),
+        "RMSE": math.sqrt(_mean(err**2)) if err.size else NAN,
+        "spearman": _correlation(stats.spearmanr, p, t),
+        "kendall": _correlation(stats.kendalltau, p, t),
+        "rank_acc": pairwise_ranking_accuracy(p, t),
+        "detection_acc": _mean((p >= AFFECTED_THRESHOLD) == positive),
+        "MAE_pos": _mean(np.abs(err[positive])),
+    }
+
+
+def pairwise_ranking_accuracy(pred: ArrayLike, target: ArrayLike) -> float:
+    """Fraction of pairs with different targets whose predictions are in the same order.
+
+    A pair whose predictions tie counts one half (neither order is claimed), so a constant
+    predictor scores 0.5, the chance level; this is the concordance index (C-index).
+
+    Returns:
+        The accuracy, or NaN when no pair has different targets.
+    """
+    p, t = _as_1d(pred, "pred"), _as_1d(target, "target")
+    _same_length(p, t, "target")
+    score = 0.0
+    pairs = 0
+    for start in range(0, p.size, _BLOCK):
+        rows = slice(start, start + _BLOCK)
+        # Only pairs (i, j) with j > i: block rows against all later columns.
+        cols = np.arange(p.size)[None, :] > np.arange(start, min(start + _BLOCK, p.size))[:, None]
+        dt = np.sign(t[rows, None] - t[None, :])
+        dp = np.sign(p[rows, None] - p[None, :])
+        valid = cols & (dt != 0)
+        pairs += int(valid.sum())
+        score += float((valid & (dp == dt)).sum()) + 0.5 * float((valid & (dp == 0)).sum())
+    return score / pairs if pairs else NAN
+
+
+def per_bin_errors(
+    pred: ArrayLike, target: ArrayLike, edges: Sequence[float] = DEFAULT_BIN_EDGES
+) -> list[dict[str, float]]:
+    """Error per magnitude bin of the targets.
+
+    Bins are ``[lo, hi)``, the last one ``[lo, hi]``; targets outside all bins are left out.
+
+    Args:
+        pred: Predicted magnitudes, shape ``(N,)``.
+        target: True magnitudes, shape ``(N,)``.
+        edges: Increasing bin edges (at least two).
+
+    Returns:
+        One dict per bin: ``lo``, ``hi``, ``count``, ``MAE`` and ``bias`` (mean of
+        ``pred - target``; positive = overestimates); ``MAE``/``bias`` NaN for an empty bin.
+
+    Raises:
+        ValueError: Bad edges, or arrays of different lengths.
+    """
+    p, t = _as_1d(pred, "pred"), _as_1d(target, "target")
+    _same_length(p, t, "target")
+    e = [float(x) for x in edges]
+    if len(e) < 2 or any(not lo < hi for lo, hi in itertools.pairwise(e)):
+        raise ValueError(f"bin edges must be at least two strictly increasing values, got {e}")
+    rows: list[dict[str, float]] = []
+    for i, (lo, hi) in enumerate(itertools.pairwise(e)):
+        last = i == len(e) - 2
+        inside = (t >= lo) & ((t <= hi) if last else (t < hi))
+        err = p[inside] - t[inside]
+        rows.append(
+            {
+                "lo": lo,
+                "hi": hi,
+                "count": int(inside.sum()),
+                "MAE": _mean(np.abs(err)),
+                "bias": _mean(err),
+            }
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _as_1d(values: ArrayLike, name: str) -> NDArray[np.float64]:
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim == 2 and arr.shape[1] == 1:  # (N, 1) model outputs
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (N,), got shape {arr.shape}")
+    return arr
+
+
+def _same_length(a: NDArray[np.float64], b: NDArray[np.float64], name: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"pred has {a.size} values but {name} has {b.size}; they must match")
+
+
+def _mean(values: NDArray[Any]) -> float:
+    return float(np.mean(values)) if values.size else NAN
+
+
+def _correlation(fn: Callable[..., Any], p: NDArray[np.float64], t: NDArray[np.float64]) -> float:
+    """A scipy rank correlation, NaN (and silent) when undefined."""
+    if p.size < 2 or np.all(p == p[0]) or np.all(t == t[0]):
+        return NAN
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = fn(p, t)
+    return float(result.statistic)
