@@ -126,6 +126,7 @@ def _add_data_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
 
     download = data_commands.add_parser("download", help="download the published QuakeSet file")
     download.add_argument("dir", type=Path, nargs="?", default=Path("data"))
+    download.add_argument("--url", help="a mirror of the pinned file (default: Hugging Face hub)")
     download.set_defaults(handler=_cmd_data_download)
 
 
@@ -171,7 +172,7 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
 def _cmd_data_download(args: argparse.Namespace) -> int:
     from quakeray.data.download import download
 
-    path = download(args.dir)
+    path = download(args.dir, **({"url": args.url} if args.url else {}))
     print(f"QuakeSet ready at {path}")
     return 0
 
