@@ -147,6 +147,14 @@ def test_stats_cli_errors_and_success(tiny_h5: Path, tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert out.is_file() and "mean [" in proc.stdout
+    # An output that cannot be written: one line, exit code 2, and nothing clobbered.
+    proc = subprocess.run(
+        [*run, str(tiny_h5), "--out", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("quakeray: error: cannot write statistics to") and "--out" in last
+    assert tmp_path.is_dir() and not list(tmp_path.glob(".*.tmp-*"))
 
 
 def test_all_nan_patches_counted_and_filled(tiny_h5: Path, tmp_path: Path) -> None:

@@ -128,6 +128,10 @@ def test_existing_file_with_wrong_checksum_is_kept(server: _Server, tmp_path: Pa
         download(tmp_path, url=_url(server), md5=MD5, progress=False)
     assert (tmp_path / "earthquakes.h5").read_bytes() == b"someone's file"
     assert server.requests_seen == []
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "earthquakes.h5").mkdir()
+    with pytest.raises(DownloadError, match="is not a file"):
+        download(tmp_path / "other", url=_url(server), md5=MD5, progress=False)
 
 
 def test_http_error_and_offline(server: _Server, tmp_path: Path) -> None:

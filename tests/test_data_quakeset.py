@@ -80,6 +80,11 @@ def test_samples_positives_only_and_metadata(tiny_h5: Path) -> None:
     pos = QuakeSetDataset(tiny_h5, "train", positives_only=True)
     assert len(pos) == int(full.labels.sum()) and len(pos) < len(full)
     assert set(pos.labels.tolist()) == {1}
+    # The same positives in the same order as the full split, negatives just left out.
+    keep = full.labels == 1
+    assert pos.event_ids == [e for e, k in zip(full.event_ids, keep, strict=True) if k]
+    assert pos.patches == [n for n, k in zip(full.patches, keep, strict=True) if k]
+    np.testing.assert_array_equal(pos.magnitudes, full.magnitudes[keep])
     assert np.all(pos.magnitudes >= 4.0)
     assert np.all(full.magnitudes[full.labels == 0] == 0.0)
     assert full.magnitudes.dtype == np.float32 and full.labels.dtype == np.int64

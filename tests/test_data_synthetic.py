@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -67,6 +68,19 @@ def test_never_clobbers_and_writes_atomically(tmp_path: Path) -> None:
         write_synthetic(tmp_path / "x.h5", events=2)
     with pytest.raises(DataError, match="size must be >= 16"):
         write_synthetic(tmp_path / "x.h5", size=8)
+    with pytest.raises(DataError, match="seed must be >= 0"):
+        write_synthetic(tmp_path / "x.h5", seed=-1)
+
+
+def test_unwritable_output_is_a_one_line_data_error(tmp_path: Path) -> None:
+    # Works as root too: the temporary file's name is taken by a directory, so HDF5 cannot
+    # create it (what an unwritable directory or a full disk look like to h5py).
+    out = tmp_path / "q.h5"
+    (tmp_path / f".q.h5.tmp-{os.getpid()}").mkdir()
+    with pytest.raises(DataError, match=r"cannot write .*q\.h5") as info:
+        write_synthetic(out, events=4, size=16)
+    assert "\n" not in str(info.value)
+    assert not out.exists()
 
 
 def test_layout_matches_the_published_file(tiny_h5: Path) -> None:

@@ -79,6 +79,8 @@ def download(
     part = folder / f"{filename}.part"
     help_manual = f"or fetch the file by other means and place it at {dest} (md5 {md5})"
     if dest.exists():
+        if not dest.is_file():
+            raise DownloadError(f"{dest} exists and is not a file; move it away and run again")
         actual = md5sum(dest, progress=progress)
         if actual == md5:
             return dest

@@ -109,13 +109,11 @@ class QuakeSetDataset(Dataset[dict[str, Any]]):
         labels: list[int] = []
         self.event_ids: list[str] = []
         self.patches: list[str] = []
-        self._dtypes: set[str] = set()
         for event in events:
             if event.split != SPLITS[split]:
                 continue
             for patch in event.patches:
                 base = f"/{event.event_id}/{patch.name}/"
-                self._dtypes.update(patch.dtypes.values())
                 pairs = [(("pre", "post"), 1, event.magnitude)]
                 if patch.has_before and not positives_only:
                     pairs.append((("before", "pre"), 0, 0.0))

@@ -147,6 +147,8 @@ def write_synthetic(
         raise DataError(f"--size must be >= 16 pixels, got {size}")
     if max_patches < 1:
         raise DataError(f"max_patches must be >= 1, got {max_patches}")
+    if seed < 0:
+        raise DataError(f"--seed must be >= 0 (numpy seeds are non-negative), got {seed}")
     if out.exists() and not overwrite:
         raise DataError(f"{out} already exists; pass --force (overwrite=True) to replace it")
     if out.is_dir():
@@ -159,7 +161,8 @@ def write_synthetic(
     rng = np.random.default_rng(seed)
     magnitudes = sample_magnitudes(rng, events)
     splits = stratified_splits(rng, magnitudes)
-    ids = rng.choice(np.arange(600_000_000, 620_000_000), size=events, replace=False)
+    # Same draw as choice(np.arange(600M, 620M)) without materialising a 160 MB array.
+    ids = 600_000_000 + rng.choice(20_000_000, size=events, replace=False)
     n_patches = rng.integers(1, max_patches + 1, size=events)
     total = int(n_patches.sum())
     all_nan = set()
@@ -188,6 +191,13 @@ def write_synthetic(
                     )
                     counter += 1
         os.replace(tmp, out)
+    except OSError as exc:
+        # h5py reports an unwritable directory or a full disk as OSError: one line, not a trace.
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise DataError(
+            f"cannot write {out}: {exc.strerror or exc}; pick a writable directory with free space"
+        ) from None
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()

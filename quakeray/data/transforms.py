@@ -10,6 +10,7 @@ change is preserved.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -56,12 +57,25 @@ class ChannelStats:
     version: int = STATS_VERSION
 
     def save(self, path: str | Path) -> Path:
-        """Write the statistics as JSON (atomically) and return the path."""
+        """Write the statistics as JSON (atomically) and return the path.
+
+        Raises:
+            DataError: The file cannot be written (read-only or missing directory, ...).
+        """
         out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, out)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, out)
+        except OSError as exc:
+            # E.g. data on a read-only share: say where to write instead of a traceback.
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise DataError(
+                f"cannot write statistics to {out} ({exc.strerror or exc}); pass --out "
+                "(or set data.stats_path) to a writable file"
+            ) from None
         return out
 
     @classmethod
