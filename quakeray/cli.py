@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -31,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return EXIT_USAGE
+    _interrupt_on_sigterm()
     try:
         return handler(args)
     except QuakerayError as exc:
@@ -41,6 +44,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("quakeray: interrupted", file=sys.stderr)
         return 130
+
+
+def _interrupt_on_sigterm() -> None:
+    """Treat SIGTERM like Ctrl-C, so runs are closed as KILLED instead of left RUNNING.
+
+    ``ray job stop`` and most schedulers send SIGTERM; the default action would end the
+    process without unwinding, leaving MLflow runs RUNNING and Tune state half written.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def _raise(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _raise)
 
 
 def build_parser() -> argparse.ArgumentParser:
