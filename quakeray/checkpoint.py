@@ -1,0 +1,258 @@
+"""Self-describing training checkpoints: one folder, plain tensors and types only.
+
+A checkpoint folder holds
+
+- ``checkpoint.pt``: model, optimiser, scheduler and grad-scaler state, the epoch, the
+  resolved config (plain dict), the normalisation statistics, the best metric so far and
+  the epoch's metrics. Everything is a tensor, number, string, list or dict, so it loads
+  with ``torch.load(weights_only=True)`` (no pickled code runs on load);
+- ``metrics.json``: the epoch's metrics, readable without torch (used to pick the best);
+- ``predictions_val.csv``: the validation predictions of that epoch.
+
+Ray Train copies the folder to ``<storage_path>/<run name>/checkpoint_epoch_NNNN``; in
+local mode (``scaling.num_workers=0``) the loop writes it there itself.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from quakeray.config import ExperimentConfig, from_dict
+from quakeray.errors import CheckpointError, ConfigError
+
+STATE_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions_val.csv"
+FORMAT_VERSION = 1
+PREDICTION_COLUMNS = ("index", "event_id", "patch", "label", "magnitude", "prediction")
+
+
+def checkpoint_dir_name(epoch: int) -> str:
+    """Folder name of the checkpoint of ``epoch`` (0-based), sortable by epoch."""
+    return f"checkpoint_epoch_{epoch:04d}"
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Per-sample predictions of one split, in dataset order."""
+
+    index: Sequence[int]
+    event_id: Sequence[str]
+    patch: Sequence[str]
+    label: Sequence[int]
+    magnitude: Sequence[float]
+    prediction: Sequence[float]
+
+    def rows(self) -> list[tuple[Any, ...]]:
+        """One tuple per sample, in :data:`PREDICTION_COLUMNS` order."""
+        return list(
+            zip(
+                self.index,
+                self.event_id,
+                self.patch,
+                self.label,
+                self.magnitude,
+                self.prediction,
+                strict=True,
+            )
+        )
+
+
+def save_checkpoint(
+    directory: str | Path,
+    state: Mapping[str, Any],
+    *,
+    metrics: Mapping[str, float],
+    predictions: Predictions | None = None,
+) -> Path:
+    """Write a checkpoint folder (state, metrics JSON, predictions CSV).
+
+    The state file is written to a temporary name and renamed, so a reader never sees a
+    half-written checkpoint.
+
+    Args:
+        directory: Target folder (created).
+        state: Plain types and tensors only (see module docstring).
+        metrics: The epoch's metrics.
+        predictions: The epoch's validation predictions.
+
+    Returns:
+        The folder.
+    """
+    import torch
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {**state, "format_version": FORMAT_VERSION}
+    tmp = out / (STATE_FILE + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, out / STATE_FILE)
+    (out / METRICS_FILE).write_text(json.dumps(_json_safe(metrics), indent=1, sort_keys=True))
+    if predictions is not None:
+        write_predictions(out / PREDICTIONS_FILE, predictions)
+    return out
+
+
+def load_checkpoint(path: str | Path, *, map_location: str = "cpu") -> dict[str, Any]:
+    """Load a checkpoint (folder or its ``checkpoint.pt``) with ``weights_only=True``.
+
+    Raises:
+        CheckpointError: Missing, unreadable, or not a quakeray checkpoint.
+    """
+    import torch
+
+    file = resolve_state_file(path)
+    try:
+        state = torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"checkpoint {file} cannot be read ({type(exc).__name__}); "
+            "pass a checkpoint folder written by quakeray train"
+        ) from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise CheckpointError(
+            f"{file} is not a quakeray checkpoint (no model/config); "
+            "pass a checkpoint folder written by quakeray train"
+        )
+    return state
+
+
+def resolve_state_file(path: str | Path) -> Path:
+    """The ``checkpoint.pt`` of a checkpoint folder (or the file itself).
+
+    Raises:
+        CheckpointError: Nothing there.
+    """
+    p = Path(path).expanduser()
+    file = p / STATE_FILE if p.is_dir() else p
+    if not file.is_file():
+        hint = f"{p} has no {STATE_FILE}" if p.is_dir() else f"checkpoint not found: {p}"
+        raise CheckpointError(
+            f"{hint}; pass a checkpoint folder (…/checkpoint_epoch_NNNN) "
+            "printed at the end of quakeray train"
+        )
+    return file
+
+
+def checkpoint_config(state: Mapping[str, Any], *, source: str = "checkpoint") -> ExperimentConfig:
+    """The experiment config stored in a checkpoint.
+
+    Raises:
+        CheckpointError: The stored config does not load (written by another version).
+    """
+    try:
+        return from_dict(state["config"], source=source)
+    except ConfigError as exc:
+        raise CheckpointError(f"{source}: stored config is not valid here: {exc}") from None
+
+
+def check_compatible(state: Mapping[str, Any], cfg: ExperimentConfig, *, source: str) -> None:
+    """Refuse to resume a checkpoint into a different model.
+
+    Raises:
+        CheckpointError: The backbone (or input channels) differ, naming both.
+    """
+    saved = checkpoint_config(state, source=source)
+    if saved.model.backbone != cfg.model.backbone:
+        raise CheckpointError(
+            f"{source} holds a {saved.model.backbone!r} model but the config asks for "
+            f"{cfg.model.backbone!r}; set model.backbone={saved.model.backbone} or start "
+            "without --resume"
+        )
+    if saved.optim.epochs != cfg.optim.epochs or saved.optim.batch_size != cfg.optim.batch_size:
+        raise CheckpointError(
+            f"{source} was trained with optim.epochs={saved.optim.epochs}, "
+            f"optim.batch_size={saved.optim.batch_size}; resume needs the same schedule "
+            f"(got {cfg.optim.epochs}, {cfg.optim.batch_size})"
+        )
+
+
+def read_metrics(directory: str | Path) -> dict[str, float | None]:
+    """The ``metrics.json`` of a checkpoint folder ({} if absent; NaN stored as None)."""
+    file = Path(directory) / METRICS_FILE
+    if not file.is_file():
+        return {}
+    loaded: dict[str, float | None] = json.loads(file.read_text())
+    return loaded
+
+
+def find_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoint folders directly under a run folder, oldest epoch first."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p.parent for p in root.glob(f"*/{STATE_FILE}"))
+
+
+def best_checkpoint(run_dir: str | Path, metric: str = "val_MAE", mode: str = "min") -> Path | None:
+    """The checkpoint folder under ``run_dir`` with the best ``metric`` (NaN never wins)."""
+    scored = []
+    for folder in find_checkpoints(run_dir):
+        value = read_metrics(folder).get(metric)
+        if value is not None and math.isfinite(value):
+            scored.append((value if mode == "min" else -value, folder.name, folder))
+    return min(scored)[2] if scored else None
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int, metric: str = "val_MAE") -> None:
+    """Delete all but the ``keep`` best checkpoints by ``metric`` (and always the latest)."""
+    folders = find_checkpoints(run_dir)
+    if len(folders) <= keep:
+        return
+    latest = folders[-1]
+
+    def score(folder: Path) -> float:
+        value = read_metrics(folder).get(metric)
+        return value if value is not None and math.isfinite(value) else math.inf
+
+    ranked = sorted(folders, key=score)
+    kept = set(ranked[:keep]) | {latest}
+    for folder in folders:
+        if folder not in kept:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_predictions(path: str | Path, predictions: Predictions) -> Path:
+    """Write predictions as CSV with :data:`PREDICTION_COLUMNS`."""
+    out = Path(path)
+    with out.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(PREDICTION_COLUMNS)
+        for index, event_id, patch, label, magnitude, prediction in predictions.rows():
+            writer.writerow(
+                [int(index), event_id, patch, int(label), f"{magnitude:.6g}", f"{prediction:.6g}"]
+            )
+    return out
+
+
+def read_predictions(path: str | Path) -> Predictions:
+    """Read a predictions CSV written by :func:`write_predictions`.
+
+    Raises:
+        CheckpointError: The file is missing.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"predictions file not found: {file}")
+    with file.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return Predictions(
+        index=[int(r["index"]) for r in rows],
+        event_id=[r["event_id"] for r in rows],
+        patch=[r["patch"] for r in rows],
+        label=[int(r["label"]) for r in rows],
+        magnitude=[float(r["magnitude"]) for r in rows],
+        prediction=[float(r["prediction"]) for r in rows],
+    )
+
+
+def _json_safe(metrics: Mapping[str, float]) -> dict[str, float | None]:
+    return {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}

@@ -1,0 +1,154 @@
+"""Ray start-up and resource checks: join a cluster when told to, else start a local one.
+
+Two things here save hours (see DESIGN.md field notes): a local Ray is started with
+``address="local"`` (a stale ``ray_current_cluster`` file would otherwise make
+``ray.init`` attach to a dead cluster) and with the dashboard (Train V2 needs its State
+API to clean up placement groups of stopped trials). And a request the cluster cannot
+hold is refused here with a :class:`ClusterError`, because Ray would wait for the
+resources forever (no autoscaler) instead of failing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+from quakeray.config import ExperimentConfig
+from quakeray.errors import ClusterError
+
+log = logging.getLogger(__name__)
+
+_EPS = 1e-9
+
+
+def ray_address(cfg: ExperimentConfig) -> str:
+    """The cluster to join: ``run.ray_address``, else ``$RAY_ADDRESS``, else "" (local)."""
+    return cfg.run.ray_address or os.environ.get("RAY_ADDRESS", "")
+
+
+def init_ray(cfg: ExperimentConfig, *, extra_cpus: float = 0.0) -> None:
+    """Connect to the configured Ray cluster or start a local one; no-op if connected.
+
+    Args:
+        cfg: The experiment config (``run.ray_address``, ``run.num_cpus``, ``scaling``).
+        extra_cpus: CPUs needed beside the training workers (e.g. a Tune trial driver),
+            used to size a local Ray when ``run.num_cpus`` is 0.
+
+    Raises:
+        ClusterError: The address cannot be reached.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    address = ray_address(cfg)
+    try:
+        if address:
+            # Joining a running cluster: resources belong to the cluster, so no num_cpus
+            # (passing it raises), and the dashboard is the head node's business.
+            ray.init(address=address)
+        else:
+            ray.init(
+                address="local",
+                num_cpus=local_num_cpus(cfg, extra_cpus=extra_cpus),
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+            )
+    except (ConnectionError, TimeoutError) as exc:
+        raise ClusterError(
+            f"cannot connect to the Ray cluster at {address!r}: {str(exc).splitlines()[0]}; "
+            "check run.ray_address / RAY_ADDRESS or start the cluster (ray up / ray start)"
+        ) from None
+
+
+def local_num_cpus(cfg: ExperimentConfig, *, extra_cpus: float = 0.0, concurrent: int = 1) -> int:
+    """Logical CPUs of a local Ray: ``run.num_cpus``, else what the jobs need (>= cpu count).
+
+    Logical CPUs are a scheduling budget, not cores: asking for more than the machine
+    has is fine (fractional workers share cores).
+    """
+    if cfg.run.num_cpus:
+        return cfg.run.num_cpus
+    need = concurrent * (cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + extra_cpus)
+    return max(os.cpu_count() or 1, math.ceil(need - _EPS))
+
+
+def check_resources(cfg: ExperimentConfig, *, concurrent: int = 1, extra_cpus: float = 0.0) -> None:
+    """Refuse a request the cluster can never hold, instead of waiting for it forever.
+
+    The capacity is the larger of what the cluster has now and what its autoscaler may
+    add (from the autoscaler's config when there is one). Both the total and the
+    per-worker need on one node are checked.
+
+    Args:
+        cfg: The experiment config (``scaling``).
+        concurrent: Runs that must fit at once (e.g. concurrent Tune trials).
+        extra_cpus: CPUs each run needs beside its workers (e.g. the trial driver).
+
+    Raises:
+        ClusterError: Not enough CPUs or GPUs, naming what is needed, what exists and
+            which settings to change.
+    """
+    import ray
+
+    sc = cfg.scaling
+    workers = sc.num_workers
+    gpus_per_worker = sc.gpus_per_worker if sc.use_gpu else 0.0
+    need_cpu = concurrent * (workers * sc.cpus_per_worker + extra_cpus)
+    need_gpu = concurrent * workers * gpus_per_worker
+
+    now = ray.cluster_resources()  # type: ignore[no-untyped-call]
+    total = {k: float(v) for k, v in now.items()}
+    max_total = _autoscaler_max_resources()
+    if max_total:
+        for key, value in max_total.items():
+            total[key] = max(total.get(key, 0.0), float(value))
+    have_cpu = total.get("CPU", 0.0)
+    have_gpu = total.get("GPU", 0.0)
+    where = "the local Ray" if not ray_address(cfg) else "the Ray cluster"
+    shape = (
+        f"{concurrent} x ({workers} workers x {sc.cpus_per_worker} CPU"
+        + (f" + {gpus_per_worker} GPU" if gpus_per_worker else "")
+        + ")"
+        + (f" + {extra_cpus} CPU per run" if extra_cpus else "")
+    )
+    if need_gpu > have_gpu + _EPS:
+        raise ClusterError(
+            f"scaling needs {need_gpu:g} GPUs ({shape}) but {where} has {have_gpu:g}; "
+            "lower scaling.num_workers / scaling.gpus_per_worker or set scaling.use_gpu=false"
+        )
+    if need_cpu > have_cpu + _EPS:
+        raise ClusterError(
+            f"scaling needs {need_cpu:g} CPUs ({shape}) but {where} has {have_cpu:g}; "
+            "lower scaling.num_workers / scaling.cpus_per_worker"
+            + (" or raise run.num_cpus" if not ray_address(cfg) else "")
+        )
+    if workers and not max_total:
+        # One worker's bundle must fit on a single node (placement groups do not split).
+        alive = ray.nodes()  # type: ignore[no-untyped-call]
+        nodes = [n.get("Resources", {}) for n in alive if n.get("Alive")]
+        fits = any(
+            r.get("CPU", 0.0) + _EPS >= sc.cpus_per_worker
+            and r.get("GPU", 0.0) + _EPS >= gpus_per_worker
+            for r in nodes
+        )
+        if nodes and not fits:
+            raise ClusterError(
+                f"no node of {where} can hold one worker ({sc.cpus_per_worker} CPU"
+                f"{f', {gpus_per_worker} GPU' if gpus_per_worker else ''}); "
+                "lower scaling.cpus_per_worker / scaling.gpus_per_worker"
+            )
+
+
+def _autoscaler_max_resources() -> dict[str, float] | None:
+    """Maximum resources the autoscaler may provide, or None without an autoscaler."""
+    try:
+        from ray._private.state import state
+
+        found = state.get_max_resources_from_cluster_config()
+    except Exception:  # private API: absent or changed in another Ray version
+        log.debug("autoscaler config not readable", exc_info=True)
+        return None
+    return {k: float(v) for k, v in found.items()} if found else None

@@ -1,0 +1,283 @@
+"""MLflow tracking: one run per training run, created by a driver, written by rank 0.
+
+The driver resolves the tracking URI to an absolute form (Ray workers run in other
+directories), checks the store is reachable *before* any training starts, creates the run
+and hands its id to the workers. Rank 0 logs through :class:`RunLogger`, which never sends
+NaN/Inf and can tell which epochs a run already holds, so a restarted worker group logs
+into the same run without duplicate points. Whoever opens a run closes it with
+:func:`end_run`.
+
+Everything goes through :class:`mlflow.tracking.MlflowClient` with an explicit run id: no
+global "active run" state, which would leak between Ray tasks sharing a process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlparse
+
+import yaml
+
+from quakeray.config import ExperimentConfig, flatten, to_dict
+from quakeray.errors import TrackingError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from mlflow.tracking import MlflowClient
+
+RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
+
+CONFIG_ARTIFACT = "config.yaml"
+"""Artifact name of the resolved config of a run."""
+
+_HEALTH_TIMEOUT_S = 5.0
+# MLflow's own limits (mlflow.utils.validation); repeated so importing this module stays cheap.
+_MAX_PARAM_VAL_LENGTH = 6000
+_MAX_TAG_VAL_LENGTH = 8000
+_MAX_KEY_LENGTH = 250
+_MAX_PARAMS_PER_BATCH = 100
+_MAX_METRICS_PER_BATCH = 1000
+
+
+def resolve_tracking_uri(uri: str = "") -> str:
+    """The tracking URI to use, in a form valid from any working directory.
+
+    Order: ``uri`` -> ``$MLFLOW_TRACKING_URI`` -> ``sqlite:///<abs cwd>/mlflow.db``.
+    Relative sqlite and file paths are made absolute against the current directory,
+    because Ray workers (which log metrics) run in other directories.
+
+    Args:
+        uri: The configured URI (``tracking.uri``); "" for the default chain.
+
+    Returns:
+        An absolute tracking URI.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///"):
+        rest = uri[len("sqlite:///") :]
+        if rest and not rest.startswith("/") and rest != ":memory:":
+            return f"sqlite:///{Path(rest).resolve()}"
+        return uri
+    if uri.startswith("file:"):
+        path = urlparse(uri).path
+        if not path.startswith("/"):
+            path = uri[len("file:") :]
+        return Path(path).resolve().as_uri()
+    if "://" not in uri and not uri.startswith("databricks"):
+        # A bare path: MLflow reads it as a file store; make it absolute too.
+        return str(Path(uri).resolve())
+    return uri
+
+
+def check_tracking(uri: str) -> None:
+    """Fail fast if the tracking store cannot be used; create a sqlite schema once.
+
+    Called on the driver before any worker starts: an unreachable server must stop the
+    run before it costs a worker group, and a new sqlite store must get its schema from
+    one process before several processes write to it.
+
+    Args:
+        uri: An absolute tracking URI (see :func:`resolve_tracking_uri`).
+
+    Raises:
+        TrackingError: The server does not answer, or the store cannot be opened.
+    """
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        import requests
+
+        try:
+            response = requests.get(f"{uri.rstrip('/')}/health", timeout=_HEALTH_TIMEOUT_S)
+        except requests.RequestException as exc:
+            raise TrackingError(
+                f"MLflow tracking server {uri} is not reachable ({type(exc).__name__}); "
+                "start it (mlflow server ...) or set tracking.uri / MLFLOW_TRACKING_URI"
+            ) from None
+        if not response.ok:
+            raise TrackingError(
+                f"MLflow tracking server {uri} answered HTTP {response.status_code} on /health; "
+                "check the server or set tracking.uri / MLFLOW_TRACKING_URI"
+            )
+        return
+    if scheme == "sqlite":
+        db = uri[len("sqlite:///") :]
+        if db and db != ":memory:":
+            try:
+                Path(db).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise TrackingError(
+                    f"cannot create the folder of the MLflow store {uri}: {exc.strerror}; "
+                    "set tracking.uri to a writable sqlite path"
+                ) from None
+    file_store = scheme == "file" or (not scheme and "://" not in uri)
+    if file_store and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
+        raise TrackingError(
+            f"tracking.uri {uri} is an MLflow file store, which MLflow 3 refuses; "
+            "use sqlite:////abs/path/mlflow.db or an http:// server"
+        )
+    try:
+        _client(uri).search_experiments(max_results=1)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrackingError(
+            f"MLflow store {uri} cannot be used: {first[:200]}; fix tracking.uri"
+        ) from None
+
+
+def get_or_create_experiment(uri: str, name: str) -> str:
+    """Id of the experiment ``name``, created if missing (restored if deleted).
+
+    For a sqlite store the artifacts go beside the database (``<db dir>/mlartifacts``),
+    so a run's files stay with its store whatever the working directory was.
+
+    Raises:
+        TrackingError: The store refused to create it.
+    """
+    client = _client(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return str(experiment.experiment_id)
+    location = None
+    if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
+        location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
+    try:
+        return str(client.create_experiment(name, artifact_location=location))
+    except Exception as exc:
+        # Two drivers may race to create it: the loser reads the winner's.
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return str(experiment.experiment_id)
+        raise TrackingError(f"cannot create MLflow experiment {name!r} in {uri}: {exc}") from None
+
+
+def start_run(
+    uri: str,
+    experiment_id: str,
+    *,
+    run_name: str,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> str:
+    """Create a RUNNING run and return its id (nested under ``parent_run_id`` if given)."""
+    all_tags = {k: _clip(str(v), _MAX_TAG_VAL_LENGTH) for k, v in (tags or {}).items()}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = _client(uri).create_run(experiment_id, run_name=run_name, tags=all_tags)
+    return str(run.info.run_id)
+
+
+def log_config(uri: str, run_id: str, cfg: ExperimentConfig) -> None:
+    """Log the flattened config as params and the resolved YAML as an artifact.
+
+    Params are ``section.field`` (``loss.margin``), values clipped to MLflow's length
+    limit. Logging the same config twice is harmless (identical values are accepted).
+    """
+    from mlflow.entities import Param
+
+    flat = flatten(cfg)
+    params = [
+        Param(key[:_MAX_KEY_LENGTH], _clip(_param_text(value), _MAX_PARAM_VAL_LENGTH))
+        for key, value in flat.items()
+    ]
+    client = _client(uri)
+    for start in range(0, len(params), _MAX_PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=params[start : start + _MAX_PARAMS_PER_BATCH])
+    client.log_text(run_id, yaml.safe_dump(to_dict(cfg), sort_keys=False), CONFIG_ARTIFACT)
+
+
+def end_run(uri: str, run_id: str, status: RunStatus) -> None:
+    """Mark a run terminated with ``status`` (FINISHED, FAILED or KILLED)."""
+    _client(uri).set_terminated(run_id, status=status)
+
+
+def run_status(uri: str, run_id: str) -> str:
+    """Current status of a run (RUNNING, FINISHED, FAILED, KILLED, SCHEDULED)."""
+    return str(_client(uri).get_run(run_id).info.status)
+
+
+class RunLogger:
+    """A thin wrapper over :class:`MlflowClient` bound to one run.
+
+    Used by rank 0 inside workers and by drivers. Metrics with NaN/Inf values are
+    dropped (MLflow stores them, but they break charts and comparisons).
+    """
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.uri = uri
+        self.run_id = run_id
+        self.client = _client(uri)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log finite numeric metrics at ``step`` (one batch call)."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(key[:_MAX_KEY_LENGTH], float(value), now, int(step))
+            for key, value in metrics.items()
+            if isinstance(value, (int, float)) and math.isfinite(float(value))
+        ]
+        for start in range(0, len(batch), _MAX_METRICS_PER_BATCH):
+            self.client.log_batch(
+                self.run_id, metrics=batch[start : start + _MAX_METRICS_PER_BATCH]
+            )
+
+    def logged_steps(self, key: str) -> set[int]:
+        """Steps at which ``key`` was already logged (to skip them after a restart)."""
+        return {int(m.step) for m in self.client.get_metric_history(self.run_id, key)}
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set run tags (values stringified and clipped)."""
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, _clip(str(value), _MAX_TAG_VAL_LENGTH))
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log extra params (values stringified and clipped)."""
+        from mlflow.entities import Param
+
+        items = [
+            Param(k[:_MAX_KEY_LENGTH], _clip(_param_text(v), _MAX_PARAM_VAL_LENGTH))
+            for k, v in params.items()
+        ]
+        for start in range(0, len(items), _MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[start : start + _MAX_PARAMS_PER_BATCH])
+
+    def log_figure(self, figure: Figure, artifact_file: str) -> None:
+        """Save a matplotlib figure as an artifact (e.g. ``plots/scatter.png``)."""
+        self.client.log_figure(self.run_id, figure, artifact_file)
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a local file or folder into the run's artifacts."""
+        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+
+    def log_dict(self, dictionary: Mapping[str, Any], artifact_file: str) -> None:
+        """Save a mapping as a JSON/YAML artifact (by the file's extension)."""
+        self.client.log_dict(self.run_id, dict(dictionary), artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Save text as an artifact."""
+        self.client.log_text(self.run_id, text, artifact_file)
+
+
+def _client(uri: str) -> MlflowClient:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _param_text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
