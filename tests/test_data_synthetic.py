@@ -204,3 +204,16 @@ def test_cli_synth_then_inspect(tmp_path: Path) -> None:
         assert report["positives"][theirs] + report["negatives"][theirs] == len(ds)
         assert report["positives"][theirs] == int(ds.labels.sum())
     assert sum(b["events"] for b in report["magnitude_hist"]) == 9
+
+
+def test_absurd_sizes_are_refused_before_any_allocation(tmp_path: Path) -> None:
+    from quakeray.data.synthetic import MAX_EVENTS, MAX_SIZE
+
+    with pytest.raises(DataError, match="--events must be <="):
+        write_synthetic(tmp_path / "a.h5", events=MAX_EVENTS + 1)
+    with pytest.raises(DataError, match="--size must be <="):
+        write_synthetic(tmp_path / "b.h5", size=MAX_SIZE + 1)
+    # 100,000 events of 4096 px need terabytes: refused for disk space, nothing written.
+    with pytest.raises(DataError, match="GB free"):
+        write_synthetic(tmp_path / "c.h5", events=MAX_EVENTS, size=MAX_SIZE)
+    assert list(tmp_path.iterdir()) == []

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 
 import h5py
@@ -114,6 +115,25 @@ def _nan_border(rng: np.random.Generator, size: int) -> np.ndarray:
     return mask
 
 
+MAX_EVENTS = 100_000
+"""Upper bound on ``events``: beyond it the file would be far larger than the real one."""
+
+MAX_SIZE = 4096
+"""Upper bound on the patch side in pixels."""
+
+
+def _check_free_space(out: Path, patches: int, size: int) -> None:
+    """Refuse before writing when the file would not fit on the disk (nothing half written)."""
+    # pre + post for every patch, `before` in about half of them; 2 channels of float32.
+    need = int(patches * 2.5 * size * size * 2 * 4)
+    free = shutil.disk_usage(out.parent).free
+    if need > free:
+        raise DataError(
+            f"{out}: needs about {need / 1e9:.1f} GB but {out.parent} has "
+            f"{free / 1e9:.1f} GB free; lower --events or --size, or write elsewhere"
+        )
+
+
 def write_synthetic(
     path: str | Path,
     *,
@@ -143,8 +163,14 @@ def write_synthetic(
     out = Path(path)
     if events < 3:
         raise DataError(f"--events must be >= 3 (one event per split), got {events}")
+    if events > MAX_EVENTS:
+        raise DataError(
+            f"--events must be <= {MAX_EVENTS:,} (the real QuakeSet has about 1,000), got {events}"
+        )
     if size < 16:
         raise DataError(f"--size must be >= 16 pixels, got {size}")
+    if size > MAX_SIZE:
+        raise DataError(f"--size must be <= {MAX_SIZE} pixels (QuakeSet uses 512), got {size}")
     if max_patches < 1:
         raise DataError(f"max_patches must be >= 1, got {max_patches}")
     if seed < 0:
@@ -165,6 +191,7 @@ def write_synthetic(
     ids = 600_000_000 + rng.choice(20_000_000, size=events, replace=False)
     n_patches = rng.integers(1, max_patches + 1, size=events)
     total = int(n_patches.sum())
+    _check_free_space(out, total, size)
     all_nan = set()
     if events >= 16:
         picks = rng.choice(total, size=1 if events < 64 else 2, replace=False)
