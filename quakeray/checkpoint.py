@@ -154,24 +154,36 @@ def checkpoint_config(state: Mapping[str, Any], *, source: str = "checkpoint") -
         raise CheckpointError(f"{source}: stored config is not valid here: {exc}") from None
 
 
-def check_compatible(state: Mapping[str, Any], cfg: ExperimentConfig, *, source: str) -> None:
-    """Refuse to resume a checkpoint into a different model.
+def check_compatible(
+    state: Mapping[str, Any],
+    cfg: ExperimentConfig,
+    *,
+    source: str,
+    instead: str = "start without --resume",
+) -> None:
+    """Refuse to resume a checkpoint into a different model or schedule.
+
+    Args:
+        state: The loaded checkpoint.
+        cfg: The config that would resume it.
+        source: Where the checkpoint came from (named in the error).
+        instead: The other way out, named in the error.
 
     Raises:
-        CheckpointError: The backbone (or input channels) differ, naming both.
+        CheckpointError: The backbone, or the epochs / batch size the one-cycle schedule
+            was built for, differ, naming both.
     """
     saved = checkpoint_config(state, source=source)
     if saved.model.backbone != cfg.model.backbone:
         raise CheckpointError(
             f"{source} holds a {saved.model.backbone!r} model but the config asks for "
-            f"{cfg.model.backbone!r}; set model.backbone={saved.model.backbone} or start "
-            "without --resume"
+            f"{cfg.model.backbone!r}; set model.backbone={saved.model.backbone} or {instead}"
         )
     if saved.optim.epochs != cfg.optim.epochs or saved.optim.batch_size != cfg.optim.batch_size:
         raise CheckpointError(
             f"{source} was trained with optim.epochs={saved.optim.epochs}, "
             f"optim.batch_size={saved.optim.batch_size}; resume needs the same schedule "
-            f"(got {cfg.optim.epochs}, {cfg.optim.batch_size})"
+            f"(got {cfg.optim.epochs}, {cfg.optim.batch_size}) or {instead}"
         )
 
 

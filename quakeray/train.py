@@ -406,9 +406,10 @@ def run_training(cfg: ExperimentConfig, resume: str | None = None) -> TrainSumma
     """``quakeray train``: check everything, train, track, summarise.
 
     Order, cheapest checks first: print the resolved config; check the tracking store;
-    check ``--resume``; start or join Ray and check its resources; prepare data; check
-    the model builds; cluster preflight; open the MLflow run and log the config; fit; log
-    the best checkpoint's outputs; close the run FINISHED (FAILED on error, KILLED on Ctrl-C).
+    check ``--resume`` (and the checkpoints a rerun of ``run.name`` resumes); start or
+    join Ray and check its resources; prepare data; check the model builds; cluster
+    preflight; open the MLflow run and log the config; fit; log the best checkpoint's
+    outputs; close the run FINISHED (FAILED on error, KILLED on Ctrl-C).
 
     Raises:
         QuakerayError: Any bad input, before training where it can be known then.
@@ -433,6 +434,18 @@ def run_training(cfg: ExperimentConfig, resume: str | None = None) -> TrainSumma
         check_compatible(load_checkpoint(state_file), cfg, source=str(resume))
         resume_from = str(state_file.parent.resolve())
     storage = resolve_storage_path(cfg.run.storage_path)
+    name = cfg.run.name or f"train-{_slug(cfg.model.backbone)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = f"{storage.rstrip('/')}/{name}"
+    earlier = find_checkpoints(run_dir) if "://" not in run_dir else []
+    if earlier:
+        # A rerun of a name resumes from its last checkpoint (Ray, or local mode): a
+        # different backbone or schedule would fail in every worker, so refuse it here.
+        check_compatible(
+            load_checkpoint(earlier[-1]),
+            cfg,
+            source=f"run.name={name} ({earlier[-1]})",
+            instead="choose another run.name",
+        )
     if cfg.scaling.num_workers > 0:
         init_ray(cfg)
         check_resources(cfg)
@@ -441,9 +454,8 @@ def run_training(cfg: ExperimentConfig, resume: str | None = None) -> TrainSumma
     if cfg.scaling.num_workers > 0:
         _preflight(cfg, data=data, tracking_uri=uri, storage_path=storage)
 
-    name = cfg.run.name or f"train-{_slug(cfg.model.backbone)}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = f"{storage.rstrip('/')}/{name}"
     run_id = _reuse_run(uri, run_dir) if cfg.run.name else None
+    new_run = run_id is None
     if run_id is None:
         experiment_id = get_or_create_experiment(uri, cfg.tracking.experiment)
         run_id = start_run(
@@ -456,11 +468,13 @@ def run_training(cfg: ExperimentConfig, resume: str | None = None) -> TrainSumma
                 **({"quakeray.resumed_from": resume_from} if resume_from else {}),
             },
         )
-        log_config(uri, run_id, cfg)
-        _write_run_info(run_dir, uri, run_id)
-    print(f"MLflow run {run_id} in {uri}; checkpoints in {run_dir}", flush=True)
 
+    # From here on the run is RUNNING: every exit path must close it.
     try:
+        if new_run:
+            log_config(uri, run_id, cfg)
+            _write_run_info(run_dir, uri, run_id)
+        print(f"MLflow run {run_id} in {uri}; checkpoints in {run_dir}", flush=True)
         trainer = build_trainer(
             cfg,
             data=data,
@@ -511,11 +525,24 @@ def check_model(cfg: ExperimentConfig, data: PreparedData) -> None:
 
 
 def _fit(trainer: Any) -> Any:
-    """``trainer.fit()``, re-raising a worker's QuakerayError as itself (one line)."""
+    """``trainer.fit()``, re-raising a worker's QuakerayError as itself (one line).
+
+    In the main thread ``fit`` installs Ray's own SIGINT handler, which aborts the run
+    and then raises ``SystemExit`` (and stays installed). A Ctrl-C must reach the caller
+    as ``KeyboardInterrupt`` (the MLflow run ends KILLED, the CLI exits 130), so the
+    ``SystemExit`` is translated and the previous handler put back.
+    """
+    import signal
+    import threading
+
     from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
         return trainer.fit()
+    except SystemExit:
+        raise KeyboardInterrupt("training aborted by SIGINT") from None
     except WorkerGroupError as exc:
         for failure in exc.worker_failures.values():
             cause = _find_quakeray_error(failure)
@@ -527,6 +554,9 @@ def _fit(trainer: Any) -> Any:
         if cause is not None:
             raise cause from None
         raise
+    finally:
+        if main_thread and previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _find_quakeray_error(exc: BaseException | None) -> QuakerayError | None:
@@ -640,7 +670,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "persistent_workers": cfg.data.loader_workers > 0,
         "collate_fn": collate,  # zero-copy: the dataset's batched fetch built the batch
     }
-    train_loader = DataLoader(train_set, batch_size=batch, sampler=train_sampler, **loader_kw)
+    # A last batch of one sample breaks BatchNorm in training (ResNet at 1x1 maps, LeViT's
+    # BatchNorm1d head): drop that lone sample. Shards are equal, so every rank agrees.
+    lone_last = len(train_sampler) > batch and len(train_sampler) % batch == 1
+    train_loader = DataLoader(
+        train_set, batch_size=batch, sampler=train_sampler, drop_last=lone_last, **loader_kw
+    )
     val_loader = DataLoader(
         val_set, batch_size=opt.eval_batch_size or batch, sampler=val_sampler, **loader_kw
     )

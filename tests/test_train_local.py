@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from quakeray.checkpoint import STATE_FILE, best_checkpoint, find_checkpoints, prune_checkpoints
 from quakeray.config import load_config
 from quakeray.data.quakeset import QuakeSetDataset, collate
+from quakeray.errors import CheckpointError
 from quakeray.evaluate import BEST_CHECKPOINT_TAG
 from quakeray.train import METRIC_NAMES, TrainSummary, run_training
 
@@ -160,6 +161,24 @@ def test_paper_options_run(local_run: LocalRun, caplog: pytest.LogCaptureFixture
     assert load_checkpoint_stats(summary) is None  # nothing to normalise with
 
 
+def test_last_batch_of_one_sample_trains(local_run: LocalRun) -> None:
+    # 52 training samples in batches of 17 leave one: test_resnet's BatchNorm at 1x1
+    # feature maps cannot train on a batch of one, so that sample is dropped.
+    assert len(QuakeSetDataset(local_run.data, "train")) % 17 == 1
+    cfg = load_config(
+        None,
+        [
+            *_overrides(local_run.root, local_run.data, local_run.uri),
+            "run.name=lone",
+            "optim.epochs=1",
+            "optim.batch_size=17",
+            "tracking.log_model=false",
+        ],
+    )
+    summary = run_training(cfg)
+    assert np.isfinite(summary.best_metrics["val_MAE"])
+
+
 def load_checkpoint_stats(summary: TrainSummary) -> object:
     assert summary.best_checkpoint is not None
     return torch.load(Path(summary.best_checkpoint) / STATE_FILE, weights_only=True)["stats"]
@@ -240,6 +259,17 @@ def test_cli_impossible_scaling(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     _assert_one_line_error(proc, "needs 4 CPUs", "has 2")
+
+
+def test_rerun_of_a_name_with_another_model_or_schedule_is_refused(local_run: LocalRun) -> None:
+    # A rerun of a name resumes from its checkpoints: refused before any training.
+    base = [*_overrides(local_run.root, local_run.data, local_run.uri), "run.name=local"]
+    with pytest.raises(CheckpointError, match=r"'test_resnet'.*'test_vit'.*another run\.name"):
+        run_training(load_config(None, [*base, "model.backbone=test_vit"]))
+    with pytest.raises(CheckpointError, match=r"optim\.epochs=3.*another run\.name"):
+        run_training(load_config(None, [*base, "optim.epochs=5"]))
+    run = MlflowClient(local_run.uri).get_run(local_run.summary.mlflow_run_id)
+    assert run.info.status == "FINISHED"  # not reopened
 
 
 def test_rerun_of_a_name_continues_in_the_same_mlflow_run(local_run: LocalRun) -> None:
