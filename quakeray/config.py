@@ -60,6 +60,7 @@ class ModelConfig:
 
     backbone: str = "test_resnet"  # timm model name or a preset (mobilenetv3, convnextv2, ...)
     pretrained: bool = False  # load weights from the local cache only; never a hub download
+    weights_path: str = ""  # weights file for pretrained=true; "" = the local HF/torch cache
     clamp_in_forward: bool = False  # the paper's clamp to [0, 10] in training too (zeroes grads)
     drop_rate: float = 0.0  # dropout before the head
 
@@ -150,6 +151,7 @@ class SearchConfig:
     metric: str = "val_MAE"  # reported metric to optimise
     mode: Literal["min", "max"] = "min"
     seed: int = 0  # Optuna TPE sampler seed
+    sampler: Literal["tpe", "grid"] = "tpe"  # Optuna TPE, or every combination of choice params
     # Searched fields -> distributions. A space written in a file or override replaces this
     # default (the space written is the space searched); override entries add to the file's.
     space: dict[str, SpaceParam] = field(default_factory=_default_space)
@@ -159,9 +161,10 @@ class SearchConfig:
     reduction_factor: int = 2  # ASHA keeps 1/reduction_factor at each rung
     trial_cpus: float = 1.0  # logical CPUs of the trial driver (workers reserve their own)
     optuna_storage: str = ""  # persistent Optuna storage (sqlite:///... or a DB URL); "" = memory
-    study_name: str = ""  # Optuna study name; "" = the search name
+    study_name: str = ""  # Optuna study name; "" = the search folder name (unique per search)
     top_k: int = 5  # trials listed in the final table
     evaluate_best: bool = True  # evaluate the best trial on the test split
+    test_trials: bool = False  # evaluate every trial's best checkpoint on test (paper tables)
 
 
 @dataclass
@@ -186,12 +189,17 @@ SMOKE_TEST_OVERRIDES: tuple[str, ...] = (
     "optim.epochs=2",
     "optim.batch_size=4",
     "scaling.num_workers=1",
+    "scaling.use_gpu=false",
+    "data.loader_workers=0",
+    "run.storage_path=ray_results",
     "search.num_samples=2",
     "search.max_concurrent=1",
     "search.evaluate_best=false",
+    "search.optuna_storage=",
 )
 """What ``--smoke-test`` puts before the user's overrides: a generated 32 px file, the tiny
-``test_resnet``, two epochs, one worker, two trials. Checks the whole path in about a minute."""
+``test_resnet``, two epochs, one CPU worker, local storage, two trials. Checks the whole
+path of a GPU or cluster config on a CPU machine in about a minute."""
 
 _ADAPTER = TypeAdapter(ExperimentConfig)
 _T = TypeVar("_T")

@@ -1,0 +1,295 @@
+"""``quakeray report EXPERIMENT``: the paper's comparison, read back from MLflow.
+
+Per backbone: the MSE-only MAE against the best joint-loss (MSE + ranking) MAE, each as
+mean +- std over seeds where several seeds ran, and the relative improvement. Runs are
+the finished training runs of the experiment (search trials or ``quakeray train`` runs);
+trials that ASHA stopped early, failed runs and the search's parent runs are left out.
+
+How runs become table cells:
+
+- a *configuration* is a run's flattened config without its seeds and bookkeeping
+  (``optim.seed``, ``tracking.*``, ``run.*``, ``search.*``, ...); the runs of one
+  configuration are its seeds. MSE-only configurations (``loss.rank_weight = 0``) also
+  ignore the other ``loss.*`` settings, which do nothing at weight 0;
+- the best configuration of each side is chosen on **validation** (``best_val_MAE``, the
+  best epoch's, else the last ``val_MAE``), never on test;
+- the reported MAE is ``test_MAE`` when every run of the backbone has one (``search.test_trials``
+  or ``quakeray evaluate``), else the validation MAE; the table says which.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from quakeray.errors import SearchError
+
+Format = Literal["text", "markdown", "csv"]
+
+_IGNORED_PREFIXES = ("tracking.", "run.", "search.", "trial.", "tune.", "optuna.", "scaling.")
+_SELECT_METRICS = ("best_val_MAE", "val_MAE")
+_REPORT_METRICS = ("test_MAE", "best_val_MAE", "val_MAE")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One finished run as the report sees it."""
+
+    run_id: str
+    backbone: str
+    rank_weight: float
+    margin: float
+    config_key: tuple[tuple[str, str], ...]  # the configuration, seeds excluded
+    metrics: dict[str, float]
+
+
+@dataclass
+class Cell:
+    """Mean +- std of one configuration over its seeds."""
+
+    mean: float
+    std: float | None  # None with a single seed
+    n: int
+    margin: float
+    rank_weight: float
+
+    def text(self, digits: int = 4) -> str:
+        """``2.6796 +- 0.0123 (n=3)`` or ``2.6796 (n=1)``."""
+        spread = f" +- {self.std:.{digits}f}" if self.std is not None else ""
+        return f"{self.mean:.{digits}f}{spread} (n={self.n})"
+
+
+@dataclass
+class ReportRow:
+    """One backbone: MSE only vs the best joint loss."""
+
+    backbone: str
+    metric: str  # the reported metric (test_MAE, best_val_MAE or val_MAE)
+    mse: Cell | None
+    joint: Cell | None
+
+    @property
+    def improvement_pct(self) -> float | None:
+        """Relative MAE reduction of the joint loss over MSE only, in percent."""
+        if self.mse is None or self.joint is None or self.mse.mean == 0:
+            return None
+        return 100.0 * (self.mse.mean - self.joint.mean) / self.mse.mean
+
+
+@dataclass
+class Report:
+    """The whole table and where it came from."""
+
+    experiment: str
+    tracking_uri: str
+    runs: int
+    rows: list[ReportRow]
+
+
+def build_report(experiment: str, *, tracking_uri: str | None = None) -> Report:
+    """Read the experiment's runs from MLflow and build the table.
+
+    Raises:
+        SearchError: No such experiment, or no finished run with a backbone, a loss
+            weight and a validation MAE.
+        TrackingError: The store cannot be reached.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from quakeray.tracking import check_tracking, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri or "")
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        # Reading must not create an empty store (and report nothing from it).
+        raise SearchError(
+            f"no MLflow store at {uri}; run the report where the search ran, or pass --tracking-uri"
+        )
+    check_tracking(uri)
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = [e.name for e in client.search_experiments(max_results=20)]
+        raise SearchError(
+            f"no MLflow experiment {experiment!r} in {uri} (found: {', '.join(names) or 'none'}); "
+            "pass the search name, or --tracking-uri for another store"
+        )
+    runs = client.search_runs(
+        [exp.experiment_id], filter_string="attributes.status = 'FINISHED'", max_results=50_000
+    )
+    results = [r for r in (run_result(run) for run in runs) if r is not None]
+    if not results:
+        raise SearchError(
+            f"experiment {experiment!r} in {uri} holds no finished run with model.backbone, "
+            "loss.rank_weight and val_MAE; run a search or training into it first"
+        )
+    return Report(experiment, uri, len(results), table_rows(results))
+
+
+def run_result(run: Any) -> RunResult | None:
+    """A finished MLflow run as a :class:`RunResult`, or None if it does not belong."""
+    tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+    if tags.get("quakeray.role") == "search" or tags.get("quakeray.status") in (
+        "stopped",
+        "failed",
+        "cancelled",
+    ):
+        return None
+    backbone = params.get("model.backbone")
+    weight = _float(params.get("loss.rank_weight"))
+    if not backbone or weight is None or not any(m in metrics for m in _SELECT_METRICS):
+        return None
+    return RunResult(
+        run_id=run.info.run_id,
+        backbone=backbone,
+        rank_weight=weight,
+        margin=_float(params.get("loss.margin")) or 0.0,
+        config_key=config_key(params, mse_only=weight == 0),
+        metrics={k: float(v) for k, v in metrics.items() if math.isfinite(float(v))},
+    )
+
+
+def config_key(params: Mapping[str, str], *, mse_only: bool) -> tuple[tuple[str, str], ...]:
+    """The configuration a run belongs to: its params without seeds and bookkeeping."""
+    keep = []
+    for key, value in sorted(params.items()):
+        if "seed" in key or key.startswith(_IGNORED_PREFIXES):
+            continue
+        if mse_only and key.startswith("loss.") and key != "loss.rank_weight":
+            continue
+        keep.append((key, value))
+    return tuple(keep)
+
+
+def table_rows(results: Sequence[RunResult]) -> list[ReportRow]:
+    """One row per backbone (sorted by name)."""
+    rows = []
+    for backbone in sorted({r.backbone for r in results}):
+        mine = [r for r in results if r.backbone == backbone]
+        metric = next((m for m in _REPORT_METRICS if all(m in r.metrics for r in mine)), "val_MAE")
+        mse = _best_cell([r for r in mine if r.rank_weight == 0], metric)
+        joint = _best_cell([r for r in mine if r.rank_weight > 0], metric)
+        rows.append(ReportRow(backbone, metric, mse, joint))
+    return rows
+
+
+def format_report(report: Report, fmt: Format = "text") -> str:
+    """The table as aligned text, a markdown table, or CSV."""
+    if fmt == "csv":
+        return _csv(report.rows)
+    header = ["backbone", "MAE", "MSE only", "MSE + ranking", "margin", "weight", "improvement"]
+    body = [
+        [
+            r.backbone,
+            r.metric,
+            r.mse.text() if r.mse else "-",
+            r.joint.text() if r.joint else "-",
+            f"{r.joint.margin:.4g}" if r.joint else "-",
+            f"{r.joint.rank_weight:.4g}" if r.joint else "-",
+            f"{r.improvement_pct:+.1f}%" if r.improvement_pct is not None else "-",
+        ]
+        for r in report.rows
+    ]
+    title = (
+        f"experiment {report.experiment}: {report.runs} finished runs in {report.tracking_uri}; "
+        "MAE = mean +- std over seeds (n); best joint-loss configuration chosen on validation"
+    )
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        return title + "\n\n" + "\n".join(lines)
+    widths = [max(len(c) for c in col) for col in zip(header, *body, strict=True)]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *body]
+    ]
+    return title + "\n\n" + "\n".join(lines)
+
+
+def print_report(experiment: str, *, tracking_uri: str | None = None, fmt: str = "text") -> None:
+    """``quakeray report``: build and print the table."""
+    if fmt not in ("text", "markdown", "csv"):
+        raise SearchError(f"unknown report format {fmt!r}; use text, markdown or csv")
+    text = format_report(build_report(experiment, tracking_uri=tracking_uri), fmt)  # type: ignore[arg-type]
+    print(text, end="" if text.endswith("\n") else "\n")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _best_cell(runs: Sequence[RunResult], metric: str) -> Cell | None:
+    """The configuration with the best mean validation MAE, as mean +- std of ``metric``."""
+    if not runs:
+        return None
+    groups: dict[tuple[tuple[str, str], ...], list[RunResult]] = {}
+    for r in runs:
+        groups.setdefault(r.config_key, []).append(r)
+
+    def selection(group: list[RunResult]) -> float:
+        values = [_select_value(r) for r in group]
+        return statistics.fmean(values)
+
+    best = min(groups.values(), key=selection)
+    values = [r.metrics.get(metric, _select_value(r)) for r in best]
+    return Cell(
+        mean=statistics.fmean(values),
+        std=statistics.stdev(values) if len(values) > 1 else None,
+        n=len(values),
+        margin=best[0].margin,
+        rank_weight=best[0].rank_weight,
+    )
+
+
+def _select_value(r: RunResult) -> float:
+    return next((r.metrics[m] for m in _SELECT_METRICS if m in r.metrics), math.inf)
+
+
+def _csv(rows: Sequence[ReportRow]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(
+        [
+            "backbone",
+            "metric",
+            "mse_mean",
+            "mse_std",
+            "mse_n",
+            "joint_mean",
+            "joint_std",
+            "joint_n",
+            "margin",
+            "rank_weight",
+            "improvement_pct",
+        ]
+    )
+    for r in rows:
+        writer.writerow(
+            [
+                r.backbone,
+                r.metric,
+                *(_cell_fields(r.mse)),
+                *(_cell_fields(r.joint)),
+                r.joint.margin if r.joint else "",
+                r.joint.rank_weight if r.joint else "",
+                "" if r.improvement_pct is None else round(r.improvement_pct, 3),
+            ]
+        )
+    return buf.getvalue()
+
+
+def _cell_fields(cell: Cell | None) -> list[Any]:
+    if cell is None:
+        return ["", "", 0]
+    return [cell.mean, "" if cell.std is None else cell.std, cell.n]
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None

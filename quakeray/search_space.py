@@ -1,0 +1,395 @@
+"""The search space and the searchers that walk it.
+
+``search.space`` in the config maps dotted config fields to distributions. This module
+checks that every value a distribution can produce makes a valid trial config (before
+any trial starts), turns the space into Optuna distributions, and builds the searcher
+chain Tune drives::
+
+    ConcurrencyLimiter( ReferenceFirst( OptunaSearch(TPE) | GridSearcher ) )
+
+:class:`ReferenceFirst` hands out the reference points (MSE only, and the paper's
+point) before the inner searcher proposes anything. They do not go through Optuna's
+``enqueue_trial``: Optuna 5 raises ``ValueError: 0.0 is invalid value for the case
+log=True`` at ``ask()`` when an enqueued value lies outside a log distribution, which is
+exactly the MSE-only point (``rank_weight = 0``) against the default
+``loguniform(1e-2, 10)``. Reference results that do lie inside the space are told to
+Optuna afterwards, so TPE still learns from them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, is_dataclass
+from typing import TYPE_CHECKING, Any
+
+from ray.tune.search import Searcher
+
+from quakeray.config import ExperimentConfig, SpaceParam, describe_param, with_overrides
+from quakeray.errors import ConfigError, SearchError
+
+if TYPE_CHECKING:
+    from optuna.distributions import BaseDistribution
+
+log = logging.getLogger(__name__)
+
+REFERENCE_KEY = "_reference"
+"""Key of a trial's config that names its reference point (absent for sampled trials)."""
+
+
+@dataclass(frozen=True)
+class ReferencePoint:
+    """A configuration every search evaluates first, so its gain over it shows."""
+
+    name: str  # tag value: "mse_only" | "paper"
+    values: dict[str, Any]  # dotted config field -> value
+
+
+REFERENCE_POINTS: tuple[ReferencePoint, ...] = (
+    ReferencePoint("mse_only", {"loss.rank_weight": 0.0}),
+    ReferencePoint("paper", {"loss.margin": 0.02, "loss.rank_weight": 1.0}),
+)
+"""The regression-only baseline and the paper's joint loss (margin 0.02, weight 1)."""
+
+
+def check_space(cfg: ExperimentConfig) -> None:
+    """Reject a space that cannot be searched, before Ray or any trial starts.
+
+    ``config.validate_space`` already rejects unknown fields and bad bounds; this adds
+    what needs the whole config: an empty space, a float distribution over an integer
+    field, choices of a type Optuna cannot store, a grid over non-choice parameters,
+    and any bound or choice that makes an invalid trial config (e.g. ``optim.lr`` from 0).
+
+    Raises:
+        SearchError: One line naming the parameter and the fix.
+    """
+    space = cfg.search.space
+    if not space:
+        raise SearchError(
+            "search.space is empty; open at least one field, e.g. "
+            "search.space.loss.margin={kind: loguniform, low: 0.001, high: 1.0}"
+        )
+    for name, param in space.items():
+        where = f"search.space.{name}"
+        if param.kind in ("uniform", "loguniform") and _field_type(name) is int:
+            raise SearchError(
+                f"{where}: {name} is an integer setting; use kind int or logint, not {param.kind}"
+            )
+        if cfg.search.sampler == "grid" and param.kind != "choice":
+            raise SearchError(
+                f"{where}: search.sampler=grid enumerates choices only; "
+                f"make it a choice list instead of {describe_param(param)}"
+            )
+        for value in _probe_values(param):
+            if param.kind == "choice" and not isinstance(value, (str, int, float, bool)):
+                raise SearchError(
+                    f"{where}: choice {value!r} is a {type(value).__name__}; "
+                    "choices must be strings, numbers or booleans"
+                )
+            try:
+                with_overrides(cfg, {name: value})
+            except ConfigError as exc:
+                raise SearchError(
+                    f"{where}: value {value!r} gives an invalid trial: {exc}"
+                ) from None
+
+
+def optuna_space(space: Mapping[str, SpaceParam]) -> dict[str, BaseDistribution]:
+    """Optuna distributions for ``search.space`` (integer bounds inclusive)."""
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
+
+    out: dict[str, BaseDistribution] = {}
+    for name, p in space.items():
+        if p.kind == "choice":
+            out[name] = CategoricalDistribution(list(p.choices or []))
+        elif p.kind in ("uniform", "loguniform"):
+            out[name] = FloatDistribution(_num(p.low), _num(p.high), log=p.kind == "loguniform")
+        else:
+            out[name] = IntDistribution(
+                math.ceil(_num(p.low)), math.floor(_num(p.high)), log=p.kind == "logint"
+            )
+    return out
+
+
+def grid_size(space: Mapping[str, SpaceParam]) -> int:
+    """Number of points of the full grid over choice parameters."""
+    return math.prod(len(p.choices or []) for p in space.values())
+
+
+def reference_points(cfg: ExperimentConfig) -> list[ReferencePoint]:
+    """The reference points this search runs first ([] when switched off)."""
+    return list(REFERENCE_POINTS) if cfg.search.reference_points else []
+
+
+def build_searcher(cfg: ExperimentConfig, *, study_name: str, fresh: bool = True) -> Searcher:
+    """The searcher chain of a search: concurrency limit, reference points, TPE or grid.
+
+    Args:
+        cfg: The resolved search config.
+        study_name: Optuna study name (unique per search; see ``search.study_name``).
+        fresh: True for a new search: an existing study of that name in a persistent
+            storage is then an error rather than silently continued.
+
+    Raises:
+        SearchError: The persistent Optuna storage already holds this study, or cannot
+            be opened.
+    """
+    from ray.tune.search import ConcurrencyLimiter
+
+    s = cfg.search
+    inner: Searcher
+    if s.sampler == "grid":
+        inner = GridSearcher(s.space, metric=s.metric, mode=s.mode)
+    else:
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        storage = _optuna_storage(s.optuna_storage, study_name, fresh=fresh)
+        inner = OptunaSearch(
+            space=optuna_space(s.space),
+            metric=s.metric,
+            mode=s.mode,
+            sampler=optuna.samplers.TPESampler(seed=s.seed),
+            study_name=study_name,
+            storage=storage,
+        )
+    base = {name: _get_dotted(cfg, name) for name in s.space}
+    ref = ReferenceFirst(inner, reference_points(cfg), base_values=base)
+    return ConcurrencyLimiter(ref, max_concurrent=s.max_concurrent)
+
+
+def describe_sampler(cfg: ExperimentConfig) -> str:
+    """One-line description of the sampler, for the parent run's params."""
+    if cfg.search.sampler == "grid":
+        return f"grid({grid_size(cfg.search.space)} points, in space order)"
+    return f"optuna.TPESampler(seed={cfg.search.seed})"
+
+
+# --------------------------------------------------------------------------- searchers
+
+
+class ReferenceFirst(Searcher):  # type: ignore[misc]
+    """Serve fixed reference points first, then delegate to the wrapped searcher.
+
+    Tune saves and restores wrappers through ``get_state``/``set_state`` (it walks the
+    ``searcher`` attribute chain), and the wrapped searcher through its own
+    ``save``/``restore``, so a resumed search neither repeats nor skips a reference point.
+    """
+
+    def __init__(
+        self,
+        searcher: Searcher,
+        points: Sequence[ReferencePoint],
+        *,
+        base_values: Mapping[str, Any],
+    ) -> None:
+        super().__init__(metric=searcher.metric, mode=searcher.mode)
+        self.searcher = searcher
+        self._points = [(p.name, dict(p.values)) for p in points]
+        self._next = 0
+        self._reference_trials: dict[str, str] = {}
+        self._base_values = dict(base_values)
+
+    def set_search_properties(
+        self, metric: str | None, mode: str | None, config: dict[str, Any], **spec: Any
+    ) -> bool:
+        """Forward Tune's metric/mode to the wrapped searcher."""
+        ok = bool(self.searcher.set_search_properties(metric, mode, config, **spec))
+        self._metric, self._mode = self.searcher.metric, self.searcher.mode
+        return ok
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        """The next reference point, else the wrapped searcher's suggestion."""
+        if self._next < len(self._points):
+            name, values = self._points[self._next]
+            self._next += 1
+            self._reference_trials[trial_id] = name
+            return {**values, REFERENCE_KEY: name}
+        suggestion: dict[str, Any] | None = self.searcher.suggest(trial_id)
+        return suggestion
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        """Intermediate results of sampled trials go to the wrapped searcher."""
+        if trial_id not in self._reference_trials:
+            self.searcher.on_trial_result(trial_id, result)
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
+    ) -> None:
+        """Tell the wrapped searcher; reference points only when they lie in its space."""
+        name = self._reference_trials.get(trial_id)
+        if name is None:
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
+            return
+        value = (result or {}).get(self.metric)
+        if error or value is None or not hasattr(self.searcher, "add_evaluated_point"):
+            return
+        params = {**self._base_values, **self._reference_values(name)}
+        params = {k: params[k] for k in self._base_values}
+        if not _inside(self.searcher, params):
+            log.info("reference point %s lies outside the space: not told to the sampler", name)
+            return
+        with contextlib.suppress(NotImplementedError):  # searchers that cannot learn
+            self.searcher.add_evaluated_point(params, float(value))
+
+    def get_state(self) -> dict[str, Any]:
+        """Wrapper state for Tune's experiment checkpoint (the wrapped searcher saves itself)."""
+        return {k: v for k, v in self.__dict__.items() if k != "searcher"}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore the wrapper state written by :meth:`get_state`."""
+        self.__dict__.update(state)
+
+    def save(self, checkpoint_path: str) -> None:
+        """Delegate to the wrapped searcher (Tune calls it on the innermost one)."""
+        self.searcher.save(checkpoint_path)
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Delegate to the wrapped searcher."""
+        self.searcher.restore(checkpoint_path)
+
+    def _reference_values(self, name: str) -> dict[str, Any]:
+        return next(values for n, values in self._points if n == name)
+
+
+class GridSearcher(Searcher):  # type: ignore[misc]
+    """Every combination of the choice parameters, in space order (last key fastest).
+
+    Deterministic and exhaustive, unlike Optuna's GridSampler under ask/tell (random
+    order, and an error from ``tell`` after the last point). Used for protocols such as
+    every backbone x {MSE, MSE + ranking} x 3 seeds.
+    """
+
+    def __init__(self, space: Mapping[str, SpaceParam], *, metric: str, mode: str) -> None:
+        super().__init__(metric=metric, mode=mode)
+        self._names = list(space)
+        self._points = [
+            dict(zip(self._names, combo, strict=True))
+            for combo in itertools.product(*(list(p.choices or []) for p in space.values()))
+        ]
+        self._next = 0
+
+    # Ray annotates suggest() as returning a dict, yet its own FINISHED sentinel is a str.
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
+        """The next grid point, or Tune's FINISHED sentinel when the grid is exhausted."""
+        if self._next >= len(self._points):
+            return str(self.FINISHED)
+        point = self._points[self._next]
+        self._next += 1
+        return dict(point)
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
+    ) -> None:
+        """Nothing to learn: a grid does not adapt."""
+
+    def get_state(self) -> dict[str, Any]:
+        """Position in the grid."""
+        return dict(self.__dict__)
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore the position in the grid."""
+        self.__dict__.update(state)
+
+    def save(self, checkpoint_path: str) -> None:
+        """Pickle the position in the grid (Tune's experiment checkpoint)."""
+        import pickle
+
+        with open(checkpoint_path, "wb") as fh:
+            pickle.dump(self.get_state(), fh)
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Read the position in the grid back."""
+        import pickle
+
+        with open(checkpoint_path, "rb") as fh:
+            self.set_state(pickle.load(fh))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _inside(searcher: Searcher, params: Mapping[str, Any]) -> bool:
+    """Whether every value lies in the Optuna distribution of its parameter."""
+    space = getattr(searcher, "_space", None)
+    if not isinstance(space, dict):
+        return False
+    for name, value in params.items():
+        dist = space.get(name)
+        if dist is None:
+            return False
+        try:
+            if not dist._contains(dist.to_internal_repr(value)):
+                return False
+        except (ValueError, TypeError):
+            return False
+    return True
+
+
+def _optuna_storage(url: str, study_name: str, *, fresh: bool) -> Any:
+    """An Optuna RDB storage for ``url`` ("" = in memory), refusing to reuse a study."""
+    if not url:
+        return None
+    import optuna
+
+    try:
+        storage = optuna.storages.RDBStorage(url)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SearchError(
+            f"search.optuna_storage {url!r} cannot be opened: {first[:160]}; "
+            "use e.g. sqlite:////abs/path/optuna.db"
+        ) from None
+    if fresh:
+        names = {s.study_name for s in optuna.study.get_all_study_summaries(storage)}
+        if study_name in names:
+            raise SearchError(
+                f"Optuna study {study_name!r} already exists in {url}; set a new "
+                "search.study_name (empty = unique per search) or continue it with --resume"
+            )
+    return storage
+
+
+def _probe_values(param: SpaceParam) -> list[Any]:
+    """Values worth validating: every choice, or both bounds (as ints for int kinds)."""
+    if param.kind == "choice":
+        return list(param.choices or [])
+    low, high = _num(param.low), _num(param.high)
+    if param.kind in ("int", "logint"):
+        return [math.ceil(low), math.floor(high)]
+    return [low, high]
+
+
+def _num(value: float | None) -> float:
+    if value is None:  # validate_space guarantees bounds; keeps mypy honest
+        raise SearchError("search.space: a numeric distribution needs low and high")
+    return float(value)
+
+
+def _field_type(name: str) -> Any:
+    """The declared type of a dotted config field (``optim.epochs`` -> int)."""
+    cls: Any = ExperimentConfig
+    parts = name.split(".")
+    for part in parts:
+        if not is_dataclass(cls):
+            return None
+        hints = typing.get_type_hints(cls)
+        if part not in {f.name for f in fields(cls)}:
+            return None
+        cls = hints[part]
+    return cls
+
+
+def _get_dotted(cfg: ExperimentConfig, name: str) -> Any:
+    node: Any = cfg
+    for part in name.split("."):
+        node = getattr(node, part)
+    return node

@@ -1,0 +1,190 @@
+"""Real searches on a real local Ray: Tune + Optuna + ASHA + Train, every trial in MLflow.
+
+Two searches share the module's Ray (each trial starts a worker group, ~20 s here):
+
+- a TPE search with ASHA, 4 trials, 3 epochs: the reference points learn (lr 1e-2) while
+  the sampled trials barely move (lr from [1e-9, 1e-8], same seed and init), so ASHA
+  must stop the sampled ones after their first epoch. Most assertions share it;
+- a 2-point grid where one trial names a backbone timm lacks: it fails, the search goes on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from quakeray.cli import main
+from quakeray.config import ExperimentConfig, load_config
+from quakeray.report import build_report
+from quakeray.search import SearchSummary, run_search
+from quakeray.search_tracking import child_runs
+from quakeray.train import METRIC_NAMES
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 3
+
+
+@dataclass
+class Searched:
+    summary: SearchSummary
+    uri: str
+    cfg: ExperimentConfig
+    client: MlflowClient
+
+
+def _base(root: Path, data: Path, uri: str, name: str) -> list[str]:
+    return [
+        f"data.path={data}",
+        f"run.storage_path={root / 'ray_results'}",
+        f"tracking.uri={uri}",
+        "model.backbone=test_resnet",
+        "scaling.num_workers=1",
+        "scaling.cpus_per_worker=0.5",
+        "optim.batch_size=8",
+        "tracking.log_model=false",
+        f"search.name={name}",
+        "search.max_concurrent=2",
+    ]
+
+
+@pytest.fixture(scope="module")
+def searched(ray_local: None, tiny_h5: Path, tmp_path_factory: pytest.TempPathFactory) -> Searched:
+    root = tmp_path_factory.mktemp("search")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    cfg = load_config(
+        None,
+        [
+            *_base(root, tiny_h5, uri, "asha-test"),
+            f"optim.epochs={EPOCHS}",
+            "optim.lr=1e-2",
+            "search.num_samples=4",
+            "search.grace_period=1",
+            "search.reduction_factor=2",
+            "search.space.optim.lr={kind: loguniform, low: 1.0e-9, high: 1.0e-8}",
+        ],
+    )
+    summary = run_search(cfg)
+    return Searched(summary, uri, cfg, MlflowClient(tracking_uri=uri))
+
+
+def test_reference_points_run_first_and_asha_stops_trials_early(searched: Searched) -> None:
+    rows = searched.summary.rows
+    assert len(rows) == 4
+    # Served first; with two trials at a time both start together (rows are in start order).
+    refs = {r.reference: r for r in rows[:2]}
+    assert sorted(refs) == ["mse_only", "paper"]
+    assert refs["mse_only"].params["loss.rank_weight"] == 0.0
+    assert (refs["paper"].params["loss.margin"], refs["paper"].params["loss.rank_weight"]) == (
+        0.02,
+        1.0,
+    )
+    stopped = [r for r in rows if r.status == "stopped"]
+    assert stopped, [(r.trial_id, r.status, r.value, r.epochs) for r in rows]
+    assert all(r.epochs < EPOCHS for r in stopped)
+    assert all(r.status == "completed" and r.epochs == EPOCHS for r in rows[:2])
+
+
+def test_tune_best_is_the_best_child_run_in_mlflow(searched: Searched) -> None:
+    s = searched.summary
+    runs = child_runs(searched.uri, s.experiment_id, s.parent_run_id)
+    best_run = min(runs, key=lambda r: r.data.metrics["val_MAE"])
+    assert s.best is not None
+    assert best_run.data.tags["quakeray.trial_id"] == s.best.trial_id
+    assert best_run.data.metrics["val_MAE"] == pytest.approx(s.best.value)
+    assert s.best_checkpoint and Path(s.best_checkpoint, "checkpoint.pt").is_file()
+
+
+def test_one_child_run_per_trial_with_tags_and_epoch_metrics(searched: Searched) -> None:
+    s, client = searched.summary, searched.client
+    runs = child_runs(searched.uri, s.experiment_id, s.parent_run_id)
+    assert sorted(r.data.tags["quakeray.trial_id"] for r in runs) == sorted(
+        r.trial_id for r in s.rows
+    )
+    statuses = {r.trial_id: r.status for r in s.rows}
+    for run in runs:
+        tags = run.data.tags
+        assert tags["mlflow.parentRunId"] == s.parent_run_id
+        assert tags["quakeray.role"] == "trial"
+        assert tags["quakeray.status"] == statuses[tags["quakeray.trial_id"]]
+        assert run.info.status == "FINISHED"  # completed and stopped alike; none RUNNING
+        # Rank correlations of constant predictions are NaN, which is not logged.
+        assert set(METRIC_NAMES) - {"val_spearman", "val_kendall"} <= set(run.data.metrics)
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_MAE")]
+        assert steps == sorted(set(steps))  # one point per epoch, no duplicates
+        if tags["quakeray.status"] == "completed":
+            assert set(METRIC_NAMES) <= set(run.data.metrics)
+            assert steps == list(range(EPOCHS))
+            assert "quakeray.best_checkpoint" in tags
+        assert run.data.params["optim.epochs"] == str(EPOCHS)
+
+
+def test_parent_run_holds_the_search(searched: Searched) -> None:
+    s, client = searched.summary, searched.client
+    parent = client.get_run(s.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["quakeray.best_trial_id"] == s.best.trial_id  # type: ignore[union-attr]
+    assert parent.data.metrics["best_val_MAE"] == pytest.approx(s.best.value)  # type: ignore[union-attr]
+    assert "test_MAE" in parent.data.metrics  # best trial evaluated on the test split
+    assert parent.data.params["search.space.optim.lr"].startswith("loguniform")
+    assert parent.data.params["tune.scheduler"].startswith("ASHA")
+    assert parent.data.params["tune.sampler"] == "optuna.TPESampler(seed=0)"
+    artifacts = {a.path for a in client.list_artifacts(s.parent_run_id)}
+    artifacts |= {a.path for a in client.list_artifacts(s.parent_run_id, "plots")}
+    assert {"results.csv", "best_config.yaml", "plots/optimisation_history.png"} <= artifacts
+    assert "plots/val_MAE_margin_weight.png" in artifacts
+    csv_text = Path(client.download_artifacts(s.parent_run_id, "results.csv")).read_text()
+    assert len(csv_text.strip().splitlines()) == 1 + len(s.rows)
+
+
+def test_report_table_of_the_finished_search(
+    searched: Searched, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = build_report("asha-test", tracking_uri=searched.uri)
+    (row,) = report.rows
+    assert row.backbone == "test_resnet"
+    assert row.mse is not None and row.mse.n == 1 and row.mse.rank_weight == 0.0
+    # Stopped trials are not results: the best joint loss is the paper's (completed) point.
+    assert row.joint is not None and (row.joint.margin, row.joint.rank_weight) == (0.02, 1.0)
+    expected = 100 * (row.mse.mean - row.joint.mean) / row.mse.mean
+    assert row.improvement_pct == pytest.approx(expected)
+
+    assert (
+        main(["report", "asha-test", "--tracking-uri", searched.uri, "--format", "markdown"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "| test_resnet | best_val_MAE |" in out
+    assert f"{expected:+.1f}%" in out
+
+
+def test_a_failing_trial_is_recorded_and_the_search_goes_on(
+    ray_local: None, tiny_h5: Path, tmp_path: Path
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(
+        None,
+        [
+            *_base(tmp_path, tiny_h5, uri, "fail-test"),
+            "optim.epochs=1",
+            "search.sampler=grid",
+            "search.reference_points=false",
+            "search.asha=false",
+            "search.evaluate_best=false",
+            "search.num_samples=2",
+            "search.space={model.backbone: {kind: choice, choices: [no_such_model, test_resnet]}}",
+        ],
+    )
+    summary = run_search(cfg)
+    by_status = {r.status: r for r in summary.rows}
+    assert sorted(by_status) == ["completed", "failed"]
+    assert by_status["failed"].params["model.backbone"] == "no_such_model"
+    run = MlflowClient(tracking_uri=uri).get_run(by_status["failed"].run_id)
+    assert run.info.status == "FAILED"
+    assert "no_such_model" in run.data.tags["quakeray.error"]
+    assert summary.best is not None and summary.best.params["model.backbone"] == "test_resnet"
+    parent = MlflowClient(tracking_uri=uri).get_run(summary.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["trials_failed"] == 1
