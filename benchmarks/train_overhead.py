@@ -41,6 +41,7 @@ from quakeray.data.synthetic import write_synthetic
 from quakeray.data.transforms import build_transform
 from quakeray.losses import build_loss
 from quakeray.models import build_model
+from quakeray.optim import build_optimizer
 from quakeray.train import PreparedData, build_trainer, prepare_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,16 +63,7 @@ def plain_pytorch(cfg: ExperimentConfig, data: PreparedData) -> dict[str, Any]:
     transform = build_transform(replace(cfg.data, image_size=0), stats)
     model = build_model(cfg.model, in_chans=4, img_size=dataset.image_size[0])
     loss_fn = build_loss(cfg.loss)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer,
-        max_lr=opt.lr,
-        total_steps=opt.epochs * len(loader),
-        pct_start=opt.pct_start,
-        div_factor=opt.div_factor,
-        final_div_factor=opt.final_div_factor,
-        cycle_momentum=False,
-    )
+    optimizer, scheduler = build_optimizer(model, opt, len(loader))
     per_epoch = []
     for _ in range(opt.epochs):
         model.train()

@@ -637,6 +637,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from quakeray.data.transforms import ChannelStats, build_transform
     from quakeray.losses import JointLoss, build_loss
     from quakeray.models import build_model, input_size_for
+    from quakeray.optim import build_optimizer
     from quakeray.tracking import RunLogger
 
     cfg = from_dict(config["config"], source="train loop config")
@@ -691,16 +692,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_loss_fn = JointLoss(
         margin=cfg.loss.margin, rank_weight=cfg.loss.rank_weight, pairing=pairing
     )
-    optimizer = torch.optim.AdamW(raw_model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer,
-        max_lr=opt.lr,
-        total_steps=opt.epochs * len(train_loader),
-        pct_start=opt.pct_start,
-        div_factor=opt.div_factor,
-        final_div_factor=opt.final_div_factor,
-        cycle_momentum=False,
-    )
+    optimizer, scheduler = build_optimizer(raw_model, opt, len(train_loader))
     amp_dtype = _amp_dtype(opt.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
 
