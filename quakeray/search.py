@@ -10,7 +10,9 @@ Optuna's TPE learns from it. The reference points (MSE only, the paper's point) 
 The search folder holds ``quakeray_search.json`` (config, parent run, data): ``quakeray
 tune --resume FOLDER`` continues an interrupted search with ``Tuner.restore`` into the
 same parent run, where finished trials are kept, unfinished ones restart (their Train run
-resumes from its last checkpoint) and the searcher keeps its state.
+resumes from its last checkpoint) and the searcher keeps its state. The folder may be a
+URI (``s3://``, ``gs://``, ``file://``): every access to it goes through
+:mod:`quakeray.storage`, as Ray's own does through ``pyarrow.fs``.
 
 Example:
     >>> summary = run_search(load_config("experiments/demo.yaml"))  # doctest: +SKIP
@@ -31,12 +33,12 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
+from quakeray import storage as fsx
 from quakeray.config import ExperimentConfig, from_dict, replace, to_dict, with_overrides
 from quakeray.errors import CheckpointError, SearchError
 from quakeray.search_space import (
@@ -397,7 +399,7 @@ def run_search(cfg: ExperimentConfig, resume: str | None = None) -> SearchSummar
     state: dict[str, Any] | None = None
     if resume:
         search_dir, state = load_search_state(resume)
-        cfg = from_dict(state["config"], source=f"{search_dir}/{STATE_FILE}")
+        cfg = from_dict(state["config"], source=fsx.join(search_dir, STATE_FILE))
         print(f"resuming search {cfg.search.name} in {search_dir}", flush=True)
     else:
         # The search's MLflow experiment is its name; the trials' params say so too.
@@ -432,17 +434,17 @@ def run_search(cfg: ExperimentConfig, resume: str | None = None) -> SearchSummar
     if state is None:
         # Everything that can refuse the search runs before its folder and parent run exist.
         search_dir = _new_search_dir(storage, s.name)
-        study = s.study_name or Path(search_dir).name
+        study = s.study_name or fsx.name(search_dir)
         try:
             searcher = build_searcher(cfg, study_name=study, fresh=True)
         except BaseException:
-            Path(search_dir).rmdir()
+            fsx.remove_empty_dir(search_dir)
             raise
         experiment_id = tracking.get_or_create_experiment(uri, s.name)
         parent = tracking.start_run(
             uri,
             experiment_id,
-            run_name=Path(search_dir).name,
+            run_name=fsx.name(search_dir),
             tags={TAG_ROLE: "search", TAG_SEARCH: s.name, TAG_SEARCH_DIR: search_dir},
         )
         state = {
@@ -470,7 +472,7 @@ def run_search(cfg: ExperimentConfig, resume: str | None = None) -> SearchSummar
         search_name=s.name,
         data_path=data.path,
         stats_path=data.stats_path,
-        train_storage=f"{search_dir}/{TRAIN_SUBDIR}",
+        train_storage=fsx.join(search_dir, TRAIN_SUBDIR),
         test_trials=s.test_trials,
     )
     trainable = tune.with_resources(
@@ -495,8 +497,8 @@ def run_search(cfg: ExperimentConfig, resume: str | None = None) -> SearchSummar
                 num_samples=n_trials,
             ),
             run_config=tune.RunConfig(
-                name=Path(search_dir).name,
-                storage_path=str(Path(search_dir).parent),
+                name=fsx.name(search_dir),
+                storage_path=fsx.parent(search_dir),
                 callbacks=[TrialRunCloser(uri, experiment_id, parent)],
                 # Trials do not retry at Tune level: Train restarts failed workers itself.
                 failure_config=tune.FailureConfig(max_failures=0),
@@ -564,7 +566,7 @@ def check_metric(cfg: ExperimentConfig) -> None:
 
 
 def load_search_state(path: str) -> tuple[str, dict[str, Any]]:
-    """The search folder (absolute) and its state file, checked.
+    """The search folder (absolute, or the URI as given) and its state file, checked.
 
     Raises:
         SearchError: The folder does not exist, holds no quakeray search, or Tune's
@@ -572,22 +574,26 @@ def load_search_state(path: str) -> tuple[str, dict[str, Any]]:
     """
     from ray.tune import Tuner
 
-    folder = Path(path).expanduser().resolve()
+    folder = fsx.resolve(path)
     hint = "pass the search folder printed when the search started (ray_results/<name>-<time>)"
-    if not folder.is_dir():
+    try:
+        found = fsx.is_dir(folder)
+    except (OSError, ValueError) as exc:  # bad URI, unknown scheme, no credentials
+        raise SearchError(f"--resume {path}: cannot open ({exc}); {hint}") from None
+    if not found:
         raise SearchError(f"--resume {path}: no such folder; {hint}")
-    state_file = folder / STATE_FILE
-    if not state_file.is_file() or not Tuner.can_restore(str(folder)):
+    state_file = fsx.join(folder, STATE_FILE)
+    if not fsx.is_file(state_file) or not Tuner.can_restore(folder):
         raise SearchError(
             f"--resume {path}: holds no search ({STATE_FILE} or Tune state missing); {hint}"
         )
     try:
-        state = json.loads(state_file.read_text())
+        state = json.loads(fsx.read_text(state_file))
         for key in ("config", "tracking_uri", "experiment_id", "parent_run_id", "data_path"):
             state[key]
     except (ValueError, KeyError, TypeError):
         raise SearchError(f"--resume {path}: {STATE_FILE} is damaged; start a new search") from None
-    return str(folder), state
+    return folder, state
 
 
 # --------------------------------------------------------------------------- helpers
@@ -607,26 +613,25 @@ def _num_trials(cfg: ExperimentConfig) -> int:
 
 
 def _new_search_dir(storage: str, name: str) -> str:
-    if "://" in storage:
-        raise SearchError(
-            f"run.storage_path {storage} is remote; a search keeps its state in a local or "
-            "NFS folder: set run.storage_path to a path"
-        )
+    """A new folder ``<storage>/<name>-<time>[-n]``: a local path or a URI (s3://, ...)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path(storage) / f"{name}-{stamp}"
-    folder, n = base, 1
-    while folder.exists():
-        n += 1
-        folder = Path(f"{base}-{n}")
-    folder.mkdir(parents=True)
-    return str(folder)
+    base = f"{name}-{stamp}"
+    try:
+        folder, n = fsx.join(storage, base), 1
+        while fsx.exists(folder):
+            n += 1
+            folder = fsx.join(storage, f"{base}-{n}")
+        fsx.makedirs(folder)
+    except (OSError, ValueError) as exc:  # unknown scheme, no credentials, read-only
+        raise SearchError(
+            f"run.storage_path {storage}: cannot create the search folder ({exc}); "
+            "set run.storage_path to a writable path or s3://BUCKET/PREFIX"
+        ) from None
+    return folder
 
 
 def _write_state(search_dir: str, state: Mapping[str, Any]) -> None:
-    path = Path(search_dir) / STATE_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    tmp.replace(path)
+    fsx.write_text_atomic(fsx.join(search_dir, STATE_FILE), json.dumps(state, indent=1))
 
 
 def _log_search_params(
@@ -735,9 +740,10 @@ def _finish(
             else "no trial reported a metric"
         )
         raise SearchError(f"all {len(rows)} trials failed ({first}); see {search_dir}")
-    ckpt = best.checkpoint or str(
-        best_checkpoint(f"{search_dir}/{TRAIN_SUBDIR}/train-{best.trial_id}") or ""
-    )
+    run_dir = fsx.join(search_dir, TRAIN_SUBDIR, f"train-{best.trial_id}")
+    # Scanning for checkpoints is local-only; on a URI the trial's tag is the answer.
+    local_best = None if fsx.is_remote(run_dir) else best_checkpoint(run_dir)
+    ckpt = best.checkpoint or str(local_best or "")
     summary.best_checkpoint = ckpt or None
     best_cfg = with_overrides(cfg, best.params)
     logger.log_metrics({f"best_{s.metric}": float(best.value or math.nan)}, step=0)

@@ -1,0 +1,167 @@
+"""Paths and URIs of ``run.storage_path`` through one code path (``pyarrow.fs``).
+
+A storage location is either a local path (``/data/ray_results``, ``~/x``) or a URI that
+``pyarrow.fs.FileSystem.from_uri`` understands (``s3://bucket/prefix``, ``gs://...``,
+``file:///abs/path``); Ray Train and Tune resolve ``storage_path`` the same way. Local
+paths go through ``pyarrow``'s ``LocalFileSystem``, so the search folder code is the same
+for both. Paths are joined with ``/`` (URIs and POSIX paths); a URI's query string
+(``?region=...``) stays at the end.
+
+Example:
+    >>> join("s3://bucket/runs?region=eu-west-1", "search-1")
+    's3://bucket/runs/search-1?region=eu-west-1'
+    >>> name("file:///tmp/runs/search-1"), parent("file:///tmp/runs/search-1")
+    ('search-1', 'file:///tmp/runs')
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pyarrow.fs import FileSystem
+
+
+def is_remote(path: str) -> bool:
+    """Whether ``path`` is a URI (``scheme://...``) rather than a local path."""
+    return "://" in path
+
+
+def resolve(path: str) -> str:
+    """A local path made absolute (``~`` expanded); a URI as it is."""
+    return path if is_remote(path) else os.path.realpath(os.path.expanduser(path))
+
+
+def _split_query(path: str) -> tuple[str, str]:
+    if is_remote(path) and "?" in path:
+        base, query = path.split("?", 1)
+        return base, f"?{query}"
+    return path, ""
+
+
+def join(base: str, *parts: str) -> str:
+    """``base/part/...`` for a path or a URI (the URI's query string kept at the end)."""
+    path, query = _split_query(base)
+    for part in parts:
+        path = f"{path.rstrip('/')}/{part.strip('/')}"
+    return path + query
+
+
+def name(path: str) -> str:
+    """The last component of a path or URI."""
+    return _split_query(path)[0].rstrip("/").rsplit("/", 1)[-1]
+
+
+def parent(path: str) -> str:
+    """The folder holding ``path`` (a URI stays a URI, with its query string)."""
+    if not is_remote(path):
+        return os.path.dirname(resolve(path))
+    base, query = _split_query(path)
+    head = base.rstrip("/").rsplit("/", 1)[0]
+    if "://" not in head:  # s3://bucket: the bucket is the top
+        raise ValueError(f"{path} has no parent folder")
+    return (head + "/" if head.endswith("://") else head) + query
+
+
+def filesystem(path: str) -> tuple[FileSystem, str]:
+    """The ``pyarrow`` filesystem of ``path`` and the path inside it."""
+    from pyarrow.fs import FileSystem, LocalFileSystem
+
+    if is_remote(path):
+        fs, inner = FileSystem.from_uri(path)
+        return fs, inner
+    return LocalFileSystem(), resolve(path)
+
+
+def _type(path: str) -> str:
+    from pyarrow.fs import FileType
+
+    fs, inner = filesystem(path)
+    kind = fs.get_file_info(inner).type
+    if kind == FileType.Directory:
+        return "dir"
+    return "file" if kind == FileType.File else "none"
+
+
+def exists(path: str) -> bool:
+    """Whether a file or folder exists at ``path``."""
+    return _type(path) != "none"
+
+
+def is_dir(path: str) -> bool:
+    """Whether ``path`` is a folder (on object stores: a prefix holding objects)."""
+    return _type(path) == "dir"
+
+
+def is_file(path: str) -> bool:
+    """Whether ``path`` is a file (an object)."""
+    return _type(path) == "file"
+
+
+def makedirs(path: str) -> None:
+    """Create the folder and its parents (no error when it exists)."""
+    fs, inner = filesystem(path)
+    fs.create_dir(inner, recursive=True)
+
+
+def remove_empty_dir(path: str) -> bool:
+    """Remove the folder only when it holds nothing; whether it was removed."""
+    from pyarrow.fs import FileSelector
+
+    fs, inner = filesystem(path)
+    if fs.get_file_info(FileSelector(inner, allow_not_found=True)):
+        return False  # never delete what someone wrote
+    fs.delete_dir(inner)
+    return True
+
+
+def read_text(path: str) -> str:
+    """The file's text (UTF-8)."""
+    fs, inner = filesystem(path)
+    with fs.open_input_stream(inner) as fh:
+        return bytes(fh.read()).decode("utf-8")
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write a text file so that readers see the old or the new text, never a part.
+
+    On a local filesystem: a temporary file in the same folder, then a rename. On object
+    stores (S3, GCS) an object appears only once its upload completes, so it is written
+    in place (their "rename" is a copy, not atomic).
+    """
+    from pyarrow.fs import LocalFileSystem
+
+    fs, inner = filesystem(path)
+    data = text.encode("utf-8")
+    if not isinstance(fs, LocalFileSystem):
+        with fs.open_output_stream(inner) as fh:
+            fh.write(data)
+        return
+    tmp = f"{inner}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with fs.open_output_stream(tmp) as fh:
+            fh.write(data)
+        fs.move(tmp, inner)
+    except BaseException:
+        if fs.get_file_info(tmp).type.name != "NotFound":
+            fs.delete_file(tmp)
+        raise
+
+
+__all__ = [
+    "exists",
+    "filesystem",
+    "is_dir",
+    "is_file",
+    "is_remote",
+    "join",
+    "makedirs",
+    "name",
+    "parent",
+    "read_text",
+    "remove_empty_dir",
+    "resolve",
+    "write_text_atomic",
+]
