@@ -298,6 +298,14 @@ def with_overrides(cfg: ExperimentConfig, values: Mapping[str, Any]) -> Experime
     return new
 
 
+def get_dotted(cfg: ExperimentConfig, name: str) -> Any:
+    """The value of a dotted field, e.g. ``get_dotted(cfg, "loss.margin")``."""
+    node: Any = cfg
+    for part in name.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def dump_config(cfg: ExperimentConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML and return the path."""
     out = Path(path)

@@ -39,7 +39,14 @@ import yaml
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
 from quakeray import storage as fsx
-from quakeray.config import ExperimentConfig, from_dict, replace, to_dict, with_overrides
+from quakeray.config import (
+    ExperimentConfig,
+    from_dict,
+    get_dotted,
+    replace,
+    to_dict,
+    with_overrides,
+)
 from quakeray.errors import CheckpointError, SearchError
 from quakeray.search_space import (
     REFERENCE_KEY,
@@ -429,7 +436,7 @@ def run_search(cfg: ExperimentConfig, resume: str | None = None) -> SearchSummar
     check_resources(cfg, concurrent=concurrent, extra_cpus=s.trial_cpus)
     train._preflight(cfg, data=data, tracking_uri=uri, storage_path=storage)
 
-    client = _client(uri)
+    client = tracking.mlflow_client(uri)
     searcher = None
     if state is None:
         # Everything that can refuse the search runs before its folder and parent run exist.
@@ -698,7 +705,7 @@ def _finish(
     s = cfg.search
     _close_open_children(uri, experiment_id, parent)  # nobody stays RUNNING, whatever happened
     shown = [*s.space, *(k for p in reference_points(cfg) for k in p.values)]
-    base_values = {k: _get_dotted(cfg, k) for k in shown}
+    base_values = {k: get_dotted(cfg, k) for k in shown}
     rows = collect_rows(
         results, child_runs(uri, experiment_id, parent), metric=s.metric, base_values=base_values
     )
@@ -832,13 +839,6 @@ def _results(results: ResultGrid) -> list[Any]:
     return [results[i] for i in range(len(results))]
 
 
-def _get_dotted(cfg: ExperimentConfig, name: str) -> Any:
-    node: Any = cfg
-    for part in name.split("."):
-        node = getattr(node, part)
-    return node
-
-
 def _parse(text: str) -> Any:
     try:
         return yaml.safe_load(text)
@@ -854,12 +854,6 @@ def _short(value: Any) -> str:
 
 def _params_text(params: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={_short(v)}" for k, v in sorted(params.items())) or "(base config)"
-
-
-def _client(uri: str) -> Any:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
 
 
 __all__ = [

@@ -29,7 +29,13 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune.search import Searcher
 
-from quakeray.config import ExperimentConfig, SpaceParam, describe_param, with_overrides
+from quakeray.config import (
+    ExperimentConfig,
+    SpaceParam,
+    describe_param,
+    get_dotted,
+    with_overrides,
+)
 from quakeray.errors import ConfigError, SearchError
 
 if TYPE_CHECKING:
@@ -161,7 +167,7 @@ def build_searcher(cfg: ExperimentConfig, *, study_name: str, fresh: bool = True
             study_name=study_name,
             storage=storage,
         )
-    base = {name: _get_dotted(cfg, name) for name in s.space}
+    base = {name: get_dotted(cfg, name) for name in s.space}
     ref = ReferenceFirst(inner, reference_points(cfg), base_values=base)
     return ConcurrencyLimiter(ref, max_concurrent=s.max_concurrent)
 
@@ -386,10 +392,3 @@ def _field_type(name: str) -> Any:
             return None
         cls = hints[part]
     return cls
-
-
-def _get_dotted(cfg: ExperimentConfig, name: str) -> Any:
-    node: Any = cfg
-    for part in name.split("."):
-        node = getattr(node, part)
-    return node

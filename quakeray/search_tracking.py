@@ -56,7 +56,7 @@ MLFLOW_STATUS: dict[TrialStatus, tracking.RunStatus] = {
 
 def find_trial_run(uri: str, experiment_id: str, parent_run_id: str, trial_id: str) -> Run | None:
     """The child run of ``trial_id`` under ``parent_run_id``, or None."""
-    runs = _client(uri).search_runs(
+    runs = tracking.mlflow_client(uri).search_runs(
         [experiment_id],
         filter_string=(
             f"tags.`{TAG_TRIAL}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'"
@@ -71,7 +71,7 @@ def find_trial_run(uri: str, experiment_id: str, parent_run_id: str, trial_id: s
 def child_runs(uri: str, experiment_id: str, parent_run_id: str) -> list[Run]:
     """All child runs of a search, oldest first."""
     return list(
-        _client(uri).search_runs(
+        tracking.mlflow_client(uri).search_runs(
             [experiment_id],
             filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
             order_by=["attributes.start_time ASC"],
@@ -98,7 +98,7 @@ def open_trial_run(
     if existing is not None:
         run_id = str(existing.info.run_id)
         restarts = int(existing.data.tags.get(TAG_RESTARTS, "0")) + 1
-        client = _client(uri)
+        client = tracking.mlflow_client(uri)
         client.update_run(run_id, status="RUNNING")
         client.set_tag(run_id, TAG_STATUS, "running")
         client.set_tag(run_id, TAG_RESTARTS, str(restarts))
@@ -127,7 +127,7 @@ def close_trial_run(
         only_if_running: Leave a run that someone else already closed untouched (e.g. a
             trial unwinding after the driver marked it stopped).
     """
-    client = _client(uri)
+    client = tracking.mlflow_client(uri)
     if only_if_running and client.get_run(run_id).info.status != "RUNNING":
         return False
     client.set_tag(run_id, TAG_STATUS, status)
@@ -216,9 +216,3 @@ def _trial_error(trial: Trial) -> str:
         except OSError:
             pass
     return "trial failed (see the Tune trial folder for the traceback)"
-
-
-def _client(uri: str) -> Any:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)

@@ -122,7 +122,7 @@ def check_tracking(uri: str) -> None:
             "use sqlite:////abs/path/mlflow.db or an http:// server"
         )
     try:
-        _client(uri).search_experiments(max_results=1)
+        mlflow_client(uri).search_experiments(max_results=1)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TrackingError(
@@ -139,7 +139,7 @@ def get_or_create_experiment(uri: str, name: str) -> str:
     Raises:
         TrackingError: The store refused to create it.
     """
-    client = _client(uri)
+    client = mlflow_client(uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
@@ -170,7 +170,7 @@ def start_run(
     all_tags = {k: _clip(str(v), _MAX_TAG_VAL_LENGTH) for k, v in (tags or {}).items()}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = _client(uri).create_run(experiment_id, run_name=run_name, tags=all_tags)
+    run = mlflow_client(uri).create_run(experiment_id, run_name=run_name, tags=all_tags)
     return str(run.info.run_id)
 
 
@@ -187,7 +187,7 @@ def log_config(uri: str, run_id: str, cfg: ExperimentConfig) -> None:
         Param(key[:_MAX_KEY_LENGTH], _clip(_param_text(value), _MAX_PARAM_VAL_LENGTH))
         for key, value in flat.items()
     ]
-    client = _client(uri)
+    client = mlflow_client(uri)
     for start in range(0, len(params), _MAX_PARAMS_PER_BATCH):
         client.log_batch(run_id, params=params[start : start + _MAX_PARAMS_PER_BATCH])
     client.log_text(run_id, yaml.safe_dump(to_dict(cfg), sort_keys=False), CONFIG_ARTIFACT)
@@ -195,12 +195,12 @@ def log_config(uri: str, run_id: str, cfg: ExperimentConfig) -> None:
 
 def end_run(uri: str, run_id: str, status: RunStatus) -> None:
     """Mark a run terminated with ``status`` (FINISHED, FAILED or KILLED)."""
-    _client(uri).set_terminated(run_id, status=status)
+    mlflow_client(uri).set_terminated(run_id, status=status)
 
 
 def run_status(uri: str, run_id: str) -> str:
     """Current status of a run (RUNNING, FINISHED, FAILED, KILLED, SCHEDULED)."""
-    return str(_client(uri).get_run(run_id).info.status)
+    return str(mlflow_client(uri).get_run(run_id).info.status)
 
 
 class RunLogger:
@@ -213,7 +213,7 @@ class RunLogger:
     def __init__(self, uri: str, run_id: str) -> None:
         self.uri = uri
         self.run_id = run_id
-        self.client = _client(uri)
+        self.client = mlflow_client(uri)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Log finite numeric metrics at ``step`` (one batch call)."""
@@ -269,7 +269,8 @@ class RunLogger:
         self.client.log_text(self.run_id, text, artifact_file)
 
 
-def _client(uri: str) -> MlflowClient:
+def mlflow_client(uri: str) -> MlflowClient:
+    """An ``MlflowClient`` bound to ``uri`` (mlflow imported on first use)."""
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
