@@ -6,6 +6,10 @@ for the given data (a correlation of a constant, the MAE of no positives) is
 ``float("nan")``, never an exception: an epoch that predicts a constant is a result to
 record, not a crash.
 
+The rank correlations are computed here with NumPy, not with ``scipy.stats``, whose import
+(0.7 s) would land on the critical path of every fresh Ray Train worker, i.e. of every
+search trial; they are tested against scipy.
+
 Example:
     >>> m = regression_metrics(np.array([0.0, 5.0, 6.5]), np.array([0.0, 5.5, 6.0]))
     >>> m["MAE"], m["rank_acc"], m["detection_acc"]
@@ -16,13 +20,12 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
-from scipy import stats
 
 __all__ = [
     "AFFECTED_THRESHOLD",
@@ -84,12 +87,13 @@ def regression_metrics(
         _same_length(p, lab, "labels")
         positive = lab == 1
     err = p - t
+    pairs = _PairCounts.of(p, t)
     return {
         "MAE": _mean(np.abs(err)),
         "RMSE": math.sqrt(_mean(err**2)) if err.size else NAN,
-        "spearman": _correlation(stats.spearmanr, p, t),
-        "kendall": _correlation(stats.kendalltau, p, t),
-        "rank_acc": pairwise_ranking_accuracy(p, t),
+        "spearman": _spearman(p, t),
+        "kendall": pairs.kendall_tau_b(),
+        "rank_acc": pairs.ranking_accuracy(),
         "detection_acc": _mean((p >= AFFECTED_THRESHOLD) == positive),
         "MAE_pos": _mean(np.abs(err[positive])),
     }
@@ -106,18 +110,51 @@ def pairwise_ranking_accuracy(pred: ArrayLike, target: ArrayLike) -> float:
     """
     p, t = _as_1d(pred, "pred"), _as_1d(target, "target")
     _same_length(p, t, "target")
-    score = 0.0
-    pairs = 0
-    for start in range(0, p.size, _BLOCK):
-        rows = slice(start, start + _BLOCK)
-        # Only pairs (i, j) with j > i: block rows against all later columns.
-        cols = np.arange(p.size)[None, :] > np.arange(start, min(start + _BLOCK, p.size))[:, None]
-        dt = np.sign(t[rows, None] - t[None, :])
-        dp = np.sign(p[rows, None] - p[None, :])
-        valid = cols & (dt != 0)
-        pairs += int(valid.sum())
-        score += float((valid & (dp == dt)).sum()) + 0.5 * float((valid & (dp == 0)).sum())
-    return score / pairs if pairs else NAN
+    return _PairCounts.of(p, t).ranking_accuracy()
+
+
+@dataclass
+class _PairCounts:
+    """Counts over all pairs i < j, taken in one blocked pass (memory ~BLOCK * n)."""
+
+    n: int = 0
+    ordered: int = 0  # pairs with different targets
+    agree: int = 0  # ... whose predictions are in the same order
+    pred_tied: int = 0  # ... whose predictions tie
+    sign_sum: float = 0.0  # sum of sign(dp) * sign(dt): concordant minus discordant (NaN: NaNs)
+    ties_pred: int = 0  # pairs with tied predictions
+    ties_target: int = 0  # pairs with tied targets
+
+    @classmethod
+    def of(cls, p: NDArray[np.float64], t: NDArray[np.float64]) -> _PairCounts:
+        c = cls(n=p.size)
+        for start in range(0, p.size, _BLOCK):
+            rows = slice(start, start + _BLOCK)
+            # Only pairs (i, j) with j > i: block rows against all later columns.
+            later = (
+                np.arange(p.size)[None, :] > np.arange(start, min(start + _BLOCK, p.size))[:, None]
+            )
+            dt = np.sign(t[rows, None] - t[None, :])
+            dp = np.sign(p[rows, None] - p[None, :])
+            ordered = later & (dt != 0)
+            c.ordered += int(ordered.sum())
+            c.agree += int((ordered & (dp == dt)).sum())
+            c.pred_tied += int((ordered & (dp == 0)).sum())
+            c.sign_sum += float((dp * dt)[later].sum())
+            c.ties_pred += int((later & (dp == 0)).sum())
+            c.ties_target += int((later & (dt == 0)).sum())
+        return c
+
+    def ranking_accuracy(self) -> float:
+        return (self.agree + 0.5 * self.pred_tied) / self.ordered if self.ordered else NAN
+
+    def kendall_tau_b(self) -> float:
+        """Kendall's tau-b (ties in either variable corrected), as ``scipy.stats.kendalltau``."""
+        total = self.n * (self.n - 1) // 2
+        denominator = math.sqrt(float(total - self.ties_pred) * float(total - self.ties_target))
+        if denominator == 0 or not math.isfinite(self.sign_sum):
+            return NAN
+        return self.sign_sum / denominator
 
 
 def per_bin_errors(
@@ -182,11 +219,24 @@ def _mean(values: NDArray[Any]) -> float:
     return float(np.mean(values)) if values.size else NAN
 
 
-def _correlation(fn: Callable[..., Any], p: NDArray[np.float64], t: NDArray[np.float64]) -> float:
-    """A scipy rank correlation, NaN (and silent) when undefined."""
-    if p.size < 2 or np.all(p == p[0]) or np.all(t == t[0]):
+def _spearman(p: NDArray[np.float64], t: NDArray[np.float64]) -> float:
+    """Spearman's rho (Pearson's r of average ranks), as ``scipy.stats.spearmanr``."""
+    if p.size < 2 or not (np.isfinite(p).all() and np.isfinite(t).all()):
         return NAN
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        result = fn(p, t)
-    return float(result.statistic)
+    rp, rt = _average_ranks(p), _average_ranks(t)
+    rp, rt = rp - rp.mean(), rt - rt.mean()
+    denominator = math.sqrt(float((rp**2).sum()) * float((rt**2).sum()))
+    return float((rp * rt).sum()) / denominator if denominator > 0 else NAN
+
+
+def _average_ranks(x: NDArray[np.float64]) -> NDArray[np.float64]:
+    """1-based ranks, ties given the mean of their ranks (``scipy.stats.rankdata``)."""
+    order = np.argsort(x, kind="mergesort")
+    inverse = np.empty(order.size, dtype=np.intp)
+    inverse[order] = np.arange(order.size)
+    sorted_x = x[order]
+    starts = np.r_[True, sorted_x[1:] != sorted_x[:-1]]
+    dense = np.cumsum(starts)[inverse]  # 1-based index of each value's tie group
+    bounds = np.r_[np.flatnonzero(starts), order.size]  # group g spans bounds[g-1]..bounds[g]
+    ranks: NDArray[np.float64] = 0.5 * (bounds[dense] + bounds[dense - 1] + 1)
+    return ranks

@@ -68,6 +68,28 @@ def test_rank_acc_on_many_samples_equals_kendall_relation() -> None:
     assert pairwise_ranking_accuracy(pred, target) == pytest.approx((1 + tau) / 2, rel=1e-9)
 
 
+@pytest.mark.parametrize("n", [2, 3, 17, 2500])
+@pytest.mark.parametrize("ties", [False, True])
+def test_rank_correlations_equal_scipys(n: int, ties: bool) -> None:
+    # quakeray computes them with NumPy (scipy.stats costs every fresh worker 0.7 s of
+    # imports); scipy is the oracle. Ties: QuakeSet's negatives all have magnitude 0 and
+    # clamped predictions tie at 0; 2,500 samples cross the row blocks.
+    rng = np.random.default_rng(n)
+    target = rng.uniform(4, 7.5, n)
+    target[: n // 3] = 0.0
+    pred = target + rng.normal(0, 0.8, n)
+    if ties:
+        target, pred = np.round(target, 1), np.clip(np.round(pred, 1), 0.0, 10.0)
+    m = regression_metrics(pred, target)
+    assert m["spearman"] == pytest.approx(stats.spearmanr(pred, target).statistic, abs=1e-12)
+    assert m["kendall"] == pytest.approx(stats.kendalltau(pred, target).statistic, abs=1e-12)
+
+
+def test_rank_correlations_of_non_finite_predictions_are_nan() -> None:
+    m = regression_metrics(A([1.0, np.nan, 3.0, 2.0]), A([1.0, 2.0, 3.0, 4.0]))
+    assert math.isnan(m["spearman"]) and math.isnan(m["kendall"]) and math.isnan(m["MAE"])
+
+
 def test_undefined_values_are_nan_without_warnings() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
