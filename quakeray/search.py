@@ -2,10 +2,12 @@
 
 One search is one Tune experiment in its own folder (``<run.storage_path>/<name>-<time>``),
 one MLflow parent run, and one child run per trial. A trial is a function
-(:func:`search_trial`) that builds the trial's config, opens its child run, and runs a
-Ray Train ``TorchTrainer`` built by :func:`quakeray.train.build_trainer`; epoch metrics
-reach Tune through Train's ``TuneReportCallback``, where ASHA may stop the trial early and
-Optuna's TPE learns from it. The reference points (MSE only, the paper's point) run first.
+(:func:`search_trial`) that builds the trial's config and runs a Ray Train
+``TorchTrainer`` built by :func:`quakeray.train.build_trainer`; epoch metrics reach Tune
+through Train's ``TuneReportCallback``, where ASHA may stop the trial early and Optuna's
+TPE learns from it. The driver does the MLflow side of every trial
+(:mod:`quakeray.search_tracking`), so a trial's processes never import MLflow. The
+reference points (MSE only, the paper's point) run first.
 
 The search folder holds ``quakeray_search.json`` (config, parent run, data): ``quakeray
 tune --resume FOLDER`` continues an interrupted search with ``Tuner.restore`` into the
@@ -55,8 +57,10 @@ from quakeray.search_space import (
     describe_sampler,
     grid_size,
     reference_points,
+    sample_of,
 )
 from quakeray.search_tracking import (
+    RUN_KEY,
     TAG_CHECKPOINT,
     TAG_REFERENCE,
     TAG_ROLE,
@@ -64,10 +68,10 @@ from quakeray.search_tracking import (
     TAG_SEARCH_DIR,
     TAG_STATUS,
     TAG_TRIAL,
-    TrialRunCloser,
+    TrialRunOpener,
+    TrialRunTracker,
     child_runs,
     close_trial_run,
-    open_trial_run,
 )
 
 if TYPE_CHECKING:
@@ -79,6 +83,9 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "quakeray_search.json"
 """Written into the search folder before the first trial: what ``--resume`` needs."""
+
+STATE_VERSION = 2
+"""Version 2: the driver does all of the trials' MLflow work (version 1: the trials did)."""
 
 TRAIN_SUBDIR = "train"
 """Train runs of the trials live in ``<search folder>/train/train-<trial id>``."""
@@ -284,10 +291,7 @@ class TrialSetup:
     """Everything a trial needs besides its sample; shipped once through the object store."""
 
     base: dict[str, Any]  # the search's resolved config (to_dict)
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
-    search_name: str
+    tracking_uri: str  # for the checkpoints (and the test metrics with test_trials)
     data_path: str
     stats_path: str | None
     train_storage: str  # Train runs go to <train_storage>/train-<trial id>
@@ -295,99 +299,66 @@ class TrialSetup:
 
 
 def search_trial(config: dict[str, Any], *, setup: TrialSetup) -> None:
-    """One Tune trial: config, child run, a TorchTrainer fit, finalisation, close.
+    """One Tune trial: its config, then a ``TorchTrainer`` fit (and a test evaluation).
 
-    A failure (bad config, OOM, a worker error) closes the child run FAILED and re-raises,
-    so Tune records the trial as errored and the search goes on. A trial stopped by ASHA
-    is killed from outside; :class:`~quakeray.search_tracking.TrialRunCloser` closes its run.
+    MLflow is the driver's job (:mod:`quakeray.search_tracking`): the run was opened when
+    the trial was suggested, its id is in ``config``, and the driver logs each epoch and
+    closes the run. A failure (bad config, OOM, a worker error) raises, so Tune records
+    the trial as errored, the driver closes its run FAILED and the search goes on.
     """
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from quakeray import train
-    from quakeray.tracking import RunLogger, log_config
 
-    uri = setup.tracking_uri
     trial_id = tune.get_context().get_trial_id()
-    reference = config.get(REFERENCE_KEY)
-    sample = {k: v for k, v in config.items() if k != REFERENCE_KEY}
-    tags = {TAG_SEARCH: setup.search_name, **({TAG_REFERENCE: reference} if reference else {})}
-    run_id = open_trial_run(
-        uri,
-        setup.experiment_id,
-        setup.parent_run_id,
-        trial_id,
-        run_name=f"trial-{trial_id}" + (f"-{reference}" if reference else ""),
-        tags=tags,
+    run_id = str(config[RUN_KEY])
+    sample = sample_of(config)
+    cfg = with_overrides(from_dict(setup.base, source="search config"), sample)
+    data = train.PreparedData(setup.data_path, setup.stats_path)
+    if any(k.startswith(("model.", "data.")) for k in sample):
+        # A backbone the sample names but timm lacks fails here in a second, not in a
+        # worker group that took 20 s to start. Only then: the driver checked the base
+        # model, and a cold timm import costs this trial process ~2 s.
+        train.check_model(cfg, data)
+    name = f"train-{trial_id}"
+    trainer = train.build_trainer(
+        cfg,
+        data=data,
+        name=name,
+        storage_path=setup.train_storage,
+        tracking_uri=setup.tracking_uri,
+        mlflow_run_id=run_id,
+        log_metrics=False,  # the driver logs what Tune receives
+        callbacks=[TuneReportCallback()],  # type: ignore[no-untyped-call]
     )
-    logger = RunLogger(uri, run_id)
-    try:
-        # The sample first: a config the sample breaks is still visible in MLflow.
-        logger.log_params({f"trial.{k}": v for k, v in sample.items()})
-        cfg = with_overrides(from_dict(setup.base, source="search config"), sample)
-        log_config(uri, run_id, cfg)
-        data = train.PreparedData(setup.data_path, setup.stats_path)
-        if any(k.startswith(("model.", "data.")) for k in sample):
-            # A backbone the sample names but timm lacks fails here in a second, not in a
-            # worker group that took 20 s to start. Only then: the driver checked the base
-            # model, and a cold timm import costs this trial process ~2 s.
-            train.check_model(cfg, data)
-        name = f"train-{trial_id}"
-        trainer = train.build_trainer(
-            cfg,
-            data=data,
-            name=name,
-            storage_path=setup.train_storage,
-            tracking_uri=uri,
-            mlflow_run_id=run_id,
-            callbacks=[TuneReportCallback()],  # type: ignore[no-untyped-call]
-        )
-        # The finalisation's imports (matplotlib, scipy, mlflow.pytorch: seconds, cold) load
-        # while fit() waits for its worker group to start, not after training.
-        threading.Thread(target=_warm_imports, args=(cfg,), daemon=True).start()
-        result = trainer.fit()
-        run_dir = f"{setup.train_storage.rstrip('/')}/{name}"
-        best = train.best_checkpoint_path(result, run_dir=run_dir)
-        if best is None:
-            raise CheckpointError(f"trial {trial_id} wrote no checkpoint under {run_dir}")
-        train.finalize_run(uri, run_id, cfg, best)
-        if setup.test_trials:
-            from quakeray.evaluate import evaluate_checkpoint
+    result = trainer.fit()
+    run_dir = f"{setup.train_storage.rstrip('/')}/{name}"
+    best = train.best_checkpoint_path(result, run_dir=run_dir)
+    if best is None:
+        raise CheckpointError(f"trial {trial_id} wrote no checkpoint under {run_dir}")
+    if setup.test_trials:
+        from quakeray.evaluate import evaluate_checkpoint
+        from quakeray.tracking import RunLogger
 
-            evaluated = evaluate_checkpoint(best, split="test", data_path=setup.data_path)
-            last_epoch = int((result.metrics or {}).get("epoch", 0))
-            logger.log_metrics(evaluated.metrics, step=last_epoch)
-    except Exception as exc:
-        close_trial_run(
-            uri, run_id, "failed", error=f"{type(exc).__name__}: {exc}", only_if_running=True
-        )
-        raise
-    close_trial_run(uri, run_id, "completed", only_if_running=True)
-
-
-def _warm_imports(cfg: ExperimentConfig) -> None:
-    """Import what :func:`quakeray.train.finalize_run` needs (best effort, in a thread)."""
-    import importlib
-
-    modules = ["quakeray.plots", "quakeray.metrics", "quakeray.checkpoint", "matplotlib.figure"]
-    if cfg.tracking.log_model:
-        modules.append("mlflow.pytorch")
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except Exception:  # the real import after fit() reports any problem
-            log.debug("warm import of %s failed", name, exc_info=True)
+        evaluated = evaluate_checkpoint(best, split="test", data_path=setup.data_path)
+        last_epoch = int((result.metrics or {}).get("epoch", 0))
+        RunLogger(setup.tracking_uri, run_id).log_metrics(evaluated.metrics, step=last_epoch)
 
 
 # --------------------------------------------------------------------------- the search
 
 
-def run_search(cfg: ExperimentConfig, resume: str | None = None) -> SearchSummary:
+def run_search(
+    cfg: ExperimentConfig, resume: str | None = None, *, callbacks: Sequence[Any] = ()
+) -> SearchSummary:
     """``quakeray tune``: check, start or resume the search, summarise, log, evaluate.
 
     Args:
         cfg: The resolved config (ignored with ``resume``: the search's own is used).
         resume: A search folder to continue (``Tuner.restore``).
+        callbacks: Extra Tune callbacks (driver side) for a new search, run after
+            quakeray's own; a resumed search runs the ones it was started with.
 
     Returns:
         The summary (also printed).
@@ -455,7 +426,7 @@ def run_search(cfg: ExperimentConfig, resume: str | None = None) -> SearchSummar
             tags={TAG_ROLE: "search", TAG_SEARCH: s.name, TAG_SEARCH_DIR: search_dir},
         )
         state = {
-            "version": 1,
+            "version": STATE_VERSION,
             "config": to_dict(cfg),
             "tracking_uri": uri,
             "experiment_id": experiment_id,
@@ -466,6 +437,14 @@ def run_search(cfg: ExperimentConfig, resume: str | None = None) -> SearchSummar
         }
         _write_state(search_dir, state)
         _log_search_params(uri, parent, cfg, search_dir=search_dir, study=study, n_trials=n_trials)
+        searcher = TrialRunOpener(
+            searcher,
+            uri=uri,
+            experiment_id=experiment_id,
+            parent_run_id=parent,
+            search_name=s.name,
+            base=to_dict(cfg),
+        )
     else:
         experiment_id, parent = state["experiment_id"], state["parent_run_id"]
         client.update_run(parent, status="RUNNING")
@@ -474,9 +453,6 @@ def run_search(cfg: ExperimentConfig, resume: str | None = None) -> SearchSummar
     setup = TrialSetup(
         base=to_dict(cfg),
         tracking_uri=uri,
-        experiment_id=experiment_id,
-        parent_run_id=parent,
-        search_name=s.name,
         data_path=data.path,
         stats_path=data.stats_path,
         train_storage=fsx.join(search_dir, TRAIN_SUBDIR),
@@ -506,7 +482,17 @@ def run_search(cfg: ExperimentConfig, resume: str | None = None) -> SearchSummar
             run_config=tune.RunConfig(
                 name=fsx.name(search_dir),
                 storage_path=fsx.parent(search_dir),
-                callbacks=[TrialRunCloser(uri, experiment_id, parent)],
+                callbacks=[
+                    TrialRunTracker(
+                        uri,
+                        experiment_id,
+                        parent,
+                        base=setup.base,
+                        metric_names=train.METRIC_NAMES,
+                        score_metric=train.SCORE_METRIC,
+                    ),
+                    *callbacks,
+                ],
                 # Trials do not retry at Tune level: Train restarts failed workers itself.
                 failure_config=tune.FailureConfig(max_failures=0),
             ),
@@ -576,8 +562,8 @@ def load_search_state(path: str) -> tuple[str, dict[str, Any]]:
     """The search folder (absolute, or the URI as given) and its state file, checked.
 
     Raises:
-        SearchError: The folder does not exist, holds no quakeray search, or Tune's
-            experiment state is missing.
+        SearchError: The folder does not exist, holds no quakeray search, Tune's
+            experiment state is missing, or another quakeray version started the search.
     """
     from ray.tune import Tuner
 
@@ -600,6 +586,12 @@ def load_search_state(path: str) -> tuple[str, dict[str, Any]]:
             state[key]
     except (ValueError, KeyError, TypeError):
         raise SearchError(f"--resume {path}: {STATE_FILE} is damaged; start a new search") from None
+    if state.get("version") != STATE_VERSION:
+        raise SearchError(
+            f"--resume {path}: the search was started by another quakeray version (state "
+            f"version {state.get('version')}, this one reads {STATE_VERSION}); resume it with "
+            "that version, or start a new search"
+        )
     return folder, state
 
 
@@ -795,7 +787,7 @@ def collect_rows(
         tid = tags.get(TAG_TRIAL, "")
         res = by_trial.get(tid)
         if res is not None:
-            params = {k: v for k, v in res.config.items() if k != REFERENCE_KEY}
+            params = sample_of(res.config)
             value = res.metrics.get(metric)
             epochs = int(res.metrics["epoch"]) + 1 if "epoch" in res.metrics else 0
         else:

@@ -47,6 +47,15 @@ REFERENCE_KEY = "_reference"
 """Key of a trial's config that names its reference point (absent for sampled trials)."""
 
 
+def sample_of(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial config's sampled fields: its marker keys (``_reference``, ...) dropped.
+
+    Config fields are dotted names of real settings and never start with an underscore;
+    the markers quakeray adds to a trial's config always do.
+    """
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
 @dataclass(frozen=True)
 class ReferencePoint:
     """A configuration every search evaluates first, so its gain over it shows."""
@@ -182,12 +191,62 @@ def describe_sampler(cfg: ExperimentConfig) -> str:
 # --------------------------------------------------------------------------- searchers
 
 
-class ReferenceFirst(Searcher):  # type: ignore[misc]
-    """Serve fixed reference points first, then delegate to the wrapped searcher.
+class SearcherWrapper(Searcher):  # type: ignore[misc]
+    """A searcher around another one: everything is forwarded unless a subclass says so.
 
     Tune saves and restores wrappers through ``get_state``/``set_state`` (it walks the
-    ``searcher`` attribute chain), and the wrapped searcher through its own
-    ``save``/``restore``, so a resumed search neither repeats nor skips a reference point.
+    ``searcher`` attribute chain), and the innermost searcher through its own
+    ``save``/``restore``; a wrapper's state is its attributes but the wrapped searcher.
+    """
+
+    def __init__(self, searcher: Searcher) -> None:
+        super().__init__(metric=searcher.metric, mode=searcher.mode)
+        self.searcher = searcher
+
+    def set_search_properties(
+        self, metric: str | None, mode: str | None, config: dict[str, Any], **spec: Any
+    ) -> bool:
+        """Forward Tune's metric/mode to the wrapped searcher."""
+        ok = bool(self.searcher.set_search_properties(metric, mode, config, **spec))
+        self._metric, self._mode = self.searcher.metric, self.searcher.mode
+        return ok
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
+        """The wrapped searcher's suggestion."""
+        return self.searcher.suggest(trial_id)  # type: ignore[no-any-return]
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        """Forward to the wrapped searcher."""
+        self.searcher.on_trial_result(trial_id, result)
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
+    ) -> None:
+        """Forward to the wrapped searcher."""
+        self.searcher.on_trial_complete(trial_id, result=result, error=error)
+
+    def get_state(self) -> dict[str, Any]:
+        """Wrapper state for Tune's experiment checkpoint (the wrapped searcher saves itself)."""
+        return {k: v for k, v in self.__dict__.items() if k != "searcher"}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore the wrapper state written by :meth:`get_state`."""
+        self.__dict__.update(state)
+
+    def save(self, checkpoint_path: str) -> None:
+        """Delegate to the wrapped searcher (Tune calls it on the innermost one)."""
+        self.searcher.save(checkpoint_path)
+
+    def restore(self, checkpoint_path: str) -> None:
+        """Delegate to the wrapped searcher."""
+        self.searcher.restore(checkpoint_path)
+
+
+class ReferenceFirst(SearcherWrapper):
+    """Serve fixed reference points first, then delegate to the wrapped searcher.
+
+    Its state (the points served, and to which trials) is saved with Tune's experiment, so
+    a resumed search neither repeats nor skips a reference point.
     """
 
     def __init__(
@@ -197,20 +256,11 @@ class ReferenceFirst(Searcher):  # type: ignore[misc]
         *,
         base_values: Mapping[str, Any],
     ) -> None:
-        super().__init__(metric=searcher.metric, mode=searcher.mode)
-        self.searcher = searcher
+        super().__init__(searcher)
         self._points = [(p.name, dict(p.values)) for p in points]
         self._next = 0
         self._reference_trials: dict[str, str] = {}
         self._base_values = dict(base_values)
-
-    def set_search_properties(
-        self, metric: str | None, mode: str | None, config: dict[str, Any], **spec: Any
-    ) -> bool:
-        """Forward Tune's metric/mode to the wrapped searcher."""
-        ok = bool(self.searcher.set_search_properties(metric, mode, config, **spec))
-        self._metric, self._mode = self.searcher.metric, self.searcher.mode
-        return ok
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         """The next reference point, else the wrapped searcher's suggestion."""
@@ -245,22 +295,6 @@ class ReferenceFirst(Searcher):  # type: ignore[misc]
             return
         with contextlib.suppress(NotImplementedError):  # searchers that cannot learn
             self.searcher.add_evaluated_point(params, float(value))
-
-    def get_state(self) -> dict[str, Any]:
-        """Wrapper state for Tune's experiment checkpoint (the wrapped searcher saves itself)."""
-        return {k: v for k, v in self.__dict__.items() if k != "searcher"}
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        """Restore the wrapper state written by :meth:`get_state`."""
-        self.__dict__.update(state)
-
-    def save(self, checkpoint_path: str) -> None:
-        """Delegate to the wrapped searcher (Tune calls it on the innermost one)."""
-        self.searcher.save(checkpoint_path)
-
-    def restore(self, checkpoint_path: str) -> None:
-        """Delegate to the wrapped searcher."""
-        self.searcher.restore(checkpoint_path)
 
     def _reference_values(self, name: str) -> dict[str, Any]:
         return next(values for n, values in self._points if n == name)

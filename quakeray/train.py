@@ -209,6 +209,7 @@ def build_trainer(
     storage_path: str,
     tracking_uri: str,
     mlflow_run_id: str | None,
+    log_metrics: bool = True,
     callbacks: Sequence[Any] = (),
     resume_from: str | None = None,
 ) -> ray.train.torch.TorchTrainer:
@@ -221,7 +222,10 @@ def build_trainer(
             checkpoint in ``<storage_path>/<name>``.
         storage_path: Where checkpoints go (shared storage on multi-node clusters).
         tracking_uri: Absolute MLflow URI; rank 0 logs into ``mlflow_run_id`` there.
-        mlflow_run_id: Run to log into (None: no MLflow logging).
+        mlflow_run_id: The run this training belongs to, recorded in its checkpoints
+            (None: no MLflow run).
+        log_metrics: Rank 0 logs each epoch into ``mlflow_run_id``. A search turns it
+            off: its driver logs what Tune receives, so workers never import MLflow.
         callbacks: Ray *Train* callbacks (the search passes ``TuneReportCallback()``).
         resume_from: Checkpoint folder to continue from (``--resume``), used when Ray has
             no checkpoint of its own for this run.
@@ -247,6 +251,7 @@ def build_trainer(
         "stats_path": data.stats_path,
         "tracking_uri": tracking_uri,
         "mlflow_run_id": mlflow_run_id,
+        "log_metrics": log_metrics,
         "resume_from": resume_from,
         "local_checkpoint_dir": local_dir,
         # Bars only for a person at a terminal: in logs (Ray jobs, Tune trials, CI) every
@@ -710,7 +715,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     logger = (
         RunLogger(config["tracking_uri"], config["mlflow_run_id"])
-        if master and config["mlflow_run_id"]
+        if master and config["mlflow_run_id"] and config.get("log_metrics", True)
         else None
     )
     logged = logger.logged_steps("epoch") if logger else set()

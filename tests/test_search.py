@@ -118,7 +118,11 @@ def test_one_child_run_per_trial_with_tags_and_epoch_metrics(searched: Searched)
         if tags["quakeray.status"] == "completed":
             assert set(METRIC_NAMES) <= set(run.data.metrics)
             assert steps == list(range(EPOCHS))
-            assert "quakeray.best_checkpoint" in tags
+        # Stopped trials are finalised too: best checkpoint, its metrics and figures.
+        assert "quakeray.best_checkpoint" in tags
+        assert "best_val_MAE" in run.data.metrics
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+        assert "plots/val_scatter.png" in artifacts
         assert run.data.params["optim.epochs"] == str(EPOCHS)
 
 

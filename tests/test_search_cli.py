@@ -6,6 +6,7 @@ in-process (``quakeray.cli.main``); one runs it as a subprocess to show what a u
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -96,6 +97,21 @@ def test_resume_path_without_a_search(
         (target / "quakeray_search.json").write_text(yaml.safe_dump({"config": {}}))
     assert main(["tune", "--resume", str(target)]) == 2
     _assert_one_line_error(capsys, f"--resume {target}", "search folder")
+
+
+def test_resume_of_a_search_another_version_started(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Version 1 searches had their trials do the MLflow work: a newer driver cannot take
+    # such a search over halfway.
+    target = tmp_path / "old-search"
+    target.mkdir()
+    (target / "tuner.pkl").write_bytes(b"")  # what Tune looks for
+    keys = ("config", "tracking_uri", "experiment_id", "parent_run_id", "data_path")
+    state = {"version": 1, **dict.fromkeys(keys, "x")}
+    (target / "quakeray_search.json").write_text(json.dumps(state))
+    assert main(["tune", "--resume", str(target)]) == 2
+    _assert_one_line_error(capsys, f"--resume {target}", "state version 1", "start a new search")
 
 
 def test_report_of_an_unknown_experiment_or_store(

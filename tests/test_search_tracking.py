@@ -1,0 +1,220 @@
+"""The driver's MLflow side of a search, on a real sqlite store with stand-in trials.
+
+A search's processes split the work: :class:`TrialRunOpener` opens each trial's child run
+when the trial is suggested, :class:`TrialRunTracker` logs what Tune receives and closes
+runs. The full path (real trials, ASHA, resume) is in ``test_search*.py``; these tests pin
+the contracts those rely on: the run id travels in the trial config, epochs are logged
+once each (also by a tracker restored on ``--resume``), restarted runs reopen, and the
+checkpoint finalised is the best one reported.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from mlflow.tracking import MlflowClient
+from ray.tune.search import Searcher
+
+from quakeray import tracking
+from quakeray.config import load_config, to_dict
+from quakeray.search_space import REFERENCE_KEY, sample_of
+from quakeray.search_tracking import (
+    CHECKPOINT_KEY,
+    RUN_KEY,
+    TAG_REFERENCE,
+    TAG_RESTARTS,
+    TAG_STATUS,
+    TAG_TRIAL,
+    TrialRunOpener,
+    TrialRunTracker,
+    close_trial_run,
+)
+from quakeray.train import METRIC_NAMES, SCORE_METRIC
+
+BASE = to_dict(load_config(None, ["model.backbone=test_resnet"]))
+
+
+class Scripted(Searcher):  # type: ignore[misc]
+    """Suggests what it is given, in order: a dict, None (wait) or FINISHED."""
+
+    def __init__(self, suggestions: list[Any]) -> None:
+        super().__init__(metric="val_MAE", mode="min")
+        self.suggestions = suggestions
+        self.completed: list[str] = []
+
+    def suggest(self, trial_id: str) -> Any:
+        return self.suggestions.pop(0)
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
+    ) -> None:
+        self.completed.append(trial_id)
+
+
+def _parent(uri: str) -> tuple[str, str]:
+    experiment = tracking.get_or_create_experiment(uri, "search-tracking")
+    return experiment, tracking.start_run(uri, experiment, run_name="parent")
+
+
+def _opener(uri: str, suggestions: list[Any]) -> TrialRunOpener:
+    experiment, parent = _parent(uri)
+    return TrialRunOpener(
+        Scripted(suggestions),
+        uri=uri,
+        experiment_id=experiment,
+        parent_run_id=parent,
+        search_name="search-tracking",
+        base=BASE,
+    )
+
+
+def _tracker(opener: TrialRunOpener) -> TrialRunTracker:
+    return TrialRunTracker(
+        opener.uri,
+        opener.experiment_id,
+        opener.parent_run_id,
+        base=BASE,
+        metric_names=METRIC_NAMES,
+        score_metric=SCORE_METRIC,
+    )
+
+
+def _trial(trial_id: str, config: dict[str, Any], error_file: str | None = None) -> Any:
+    return SimpleNamespace(trial_id=trial_id, config=config, error_file=error_file)
+
+
+def _result(epoch: int, val_mae: float, checkpoint: str | None = None) -> dict[str, Any]:
+    result: dict[str, Any] = {name: 0.5 for name in METRIC_NAMES}
+    result |= {"epoch": float(epoch), SCORE_METRIC: val_mae, "training_iteration": epoch + 1}
+    if checkpoint:
+        result[CHECKPOINT_KEY] = checkpoint
+    return result
+
+
+def test_opener_opens_the_run_and_passes_its_id_in_the_config(mlflow_uri: str) -> None:
+    opener = _opener(
+        mlflow_uri,
+        [{"loss.margin": 0.5, REFERENCE_KEY: "paper"}, None, Searcher.FINISHED],
+    )
+    config = opener.suggest("t1")
+    assert config is not None and isinstance(config, dict)
+    assert sample_of(config) == {"loss.margin": 0.5}  # the markers are not settings
+    run = MlflowClient(mlflow_uri).get_run(config[RUN_KEY])
+    assert run.info.status == "RUNNING"
+    tags = run.data.tags
+    assert tags["mlflow.parentRunId"] == opener.parent_run_id
+    assert (tags[TAG_TRIAL], tags[TAG_STATUS], tags[TAG_REFERENCE]) == ("t1", "running", "paper")
+    assert run.data.params["trial.loss.margin"] == "0.5"
+    assert run.data.params["loss.margin"] == "0.5"  # the trial's whole config
+    assert run.data.params["model.backbone"] == "test_resnet"
+    # "wait" and "finished" pass through and open nothing.
+    assert opener.suggest("t2") is None
+    assert opener.suggest("t3") == Searcher.FINISHED
+    assert len(MlflowClient(mlflow_uri).search_runs([opener.experiment_id])) == 2
+
+
+def test_opener_records_a_sample_that_breaks_the_config(mlflow_uri: str) -> None:
+    opener = _opener(mlflow_uri, [{"optim.epochs": 0}])  # invalid: the trial will fail on it
+    config = opener.suggest("t1")
+    assert isinstance(config, dict)
+    run = MlflowClient(mlflow_uri).get_run(config[RUN_KEY])
+    assert run.data.params == {"trial.optim.epochs": "0"}
+
+
+def test_opener_state_survives_pickling_with_the_wrapped_searcher(mlflow_uri: str) -> None:
+    opener = _opener(mlflow_uri, [{"loss.margin": 0.1}])
+    restored = pickle.loads(pickle.dumps(opener))
+    assert restored.get_state() == opener.get_state()
+    restored.on_trial_complete("t9")
+    assert restored.searcher.completed == ["t9"]
+
+
+def test_tracker_logs_each_epoch_once_also_after_a_resume(mlflow_uri: str) -> None:
+    opener = _opener(mlflow_uri, [{"loss.margin": 0.1}])
+    config = opener.suggest("t1")
+    assert isinstance(config, dict)
+    trial, run_id = _trial("t1", config), config[RUN_KEY]
+    tracker = _tracker(opener)
+    tracker.on_trial_result(0, [], trial, _result(0, 2.0))
+    tracker.on_trial_result(0, [], trial, _result(0, 2.0))  # a repeated report
+    tracker.on_trial_result(0, [], trial, _result(1, 1.5))
+    # --resume restores the callback from Tune's pickle, caches and all; a fresh one
+    # (another driver) learns the logged epochs from MLflow.
+    again = _tracker(opener)
+    again.on_trial_result(0, [], trial, _result(1, 1.5))
+    again.on_trial_result(0, [], trial, _result(2, 1.2))
+    client = MlflowClient(mlflow_uri)
+    history = client.get_metric_history(run_id, SCORE_METRIC)
+    assert [(m.step, m.value) for m in history] == [(0, 2.0), (1, 1.5), (2, 1.2)]
+    logged = set(client.get_run(run_id).data.metrics)
+    assert logged == set(METRIC_NAMES)  # Tune's own fields stay out
+    assert pickle.loads(pickle.dumps(again)).metric_names == METRIC_NAMES
+
+
+def test_tracker_finalizes_the_best_reported_checkpoint_and_closes(
+    mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    finalized: list[tuple[str, str, int]] = []
+
+    def record(uri: str, run_id: str, cfg: Any, checkpoint: str) -> None:
+        finalized.append((run_id, checkpoint, cfg.optim.epochs))
+
+    monkeypatch.setattr("quakeray.train.finalize_run", record)
+    opener = _opener(mlflow_uri, [{"optim.epochs": 3}, {"loss.margin": 0.2}])
+    done, stopped = opener.suggest("done"), opener.suggest("stopped")
+    assert isinstance(done, dict) and isinstance(stopped, dict)
+    tracker = _tracker(opener)
+    for epoch, value in enumerate([2.0, 1.1, 1.4]):
+        tracker.on_trial_result(0, [], _trial("done", done), _result(epoch, value, f"/c/{epoch}"))
+    # ASHA's decision arrives as the stopped trial's last result, marked done.
+    tracker.on_trial_result(
+        0, [], _trial("stopped", stopped), _result(0, 3.0, "/s/0") | {"done": True}
+    )
+    tracker.on_trial_complete(0, [], _trial("done", done))
+    tracker.on_trial_complete(0, [], _trial("stopped", stopped))
+    # The sample shapes the finalised config (3 epochs, not the base's 10).
+    assert finalized == [(done[RUN_KEY], "/c/1", 3), (stopped[RUN_KEY], "/s/0", 10)]
+    client = MlflowClient(mlflow_uri)
+    for config, status in ((done, "completed"), (stopped, "stopped")):
+        run = client.get_run(config[RUN_KEY])
+        assert (run.info.status, run.data.tags[TAG_STATUS]) == ("FINISHED", status)
+
+
+def test_tracker_reopens_a_restarted_trial_and_records_a_failure(
+    mlflow_uri: str, tmp_path: Path
+) -> None:
+    opener = _opener(mlflow_uri, [{"loss.margin": 0.1}])
+    config = opener.suggest("t1")
+    assert isinstance(config, dict)
+    run_id = config[RUN_KEY]
+    tracker = _tracker(opener)
+    tracker.on_trial_start(0, [], _trial("t1", config))  # first start: nothing to do
+    client = MlflowClient(mlflow_uri)
+    assert TAG_RESTARTS not in client.get_run(run_id).data.tags
+    close_trial_run(mlflow_uri, run_id, "cancelled")  # the driver was interrupted
+    tracker.on_trial_start(0, [], _trial("t1", config))  # --resume restarts the trial
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING"
+    assert (run.data.tags[TAG_STATUS], run.data.tags[TAG_RESTARTS]) == ("running", "1")
+    error_file = tmp_path / "error.txt"
+    error_file.write_text("Traceback ...\nRuntimeError: out of memory\n")
+    tracker.on_trial_error(0, [], _trial("t1", config, str(error_file)))
+    run = client.get_run(run_id)
+    assert (run.info.status, run.data.tags[TAG_STATUS]) == ("FAILED", "failed")
+    assert run.data.tags["quakeray.error"] == "RuntimeError: out of memory"
+
+
+def test_tracker_creates_a_run_for_a_trial_that_failed_before_it_had_one(
+    mlflow_uri: str,
+) -> None:
+    opener = _opener(mlflow_uri, [])
+    tracker = _tracker(opener)
+    tracker.on_trial_error(0, [], _trial("lost", {}))
+    (run,) = MlflowClient(mlflow_uri).search_runs(
+        [opener.experiment_id], "tags.`quakeray.role` = 'trial'"
+    )
+    assert (run.data.tags[TAG_TRIAL], run.info.status) == ("lost", "FAILED")
