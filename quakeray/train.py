@@ -235,6 +235,9 @@ def build_trainer(
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     sc = cfg.scaling
+    # Ray reads the controller's poll interval from the environment of the process that
+    # calls fit() and passes it on to the controller.
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(sc.poll_interval_s)
     storage = resolve_storage_path(storage_path)
     local_dir = ""
     if sc.num_workers == 0:

@@ -272,6 +272,44 @@ def test_rerun_of_a_name_with_another_model_or_schedule_is_refused(local_run: Lo
     assert run.info.status == "FINISHED"  # not reopened
 
 
+def test_workers_leave_mlflow_to_a_driver_that_logs(
+    local_run: LocalRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A search's driver logs what Tune receives, so its trainers run with log_metrics off:
+    # nothing is logged from the loop, yet checkpoints still name their run (for
+    # `quakeray evaluate`). The controller's poll interval comes from the config.
+    from quakeray import tracking
+    from quakeray.checkpoint import load_checkpoint
+    from quakeray.train import build_trainer, prepare_data
+
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)  # restored after
+    cfg = load_config(
+        None,
+        [
+            *_overrides(local_run.root, local_run.data, local_run.uri),
+            "optim.epochs=1",
+            "scaling.poll_interval_s=0.25",
+        ],
+    )
+    experiment = tracking.get_or_create_experiment(local_run.uri, "local-tests")
+    run_id = tracking.start_run(local_run.uri, experiment, run_name="driver-logs")
+    trainer = build_trainer(
+        cfg,
+        data=prepare_data(cfg),
+        name="driver-logs",
+        storage_path=str(local_run.root / "ray_results"),
+        tracking_uri=local_run.uri,
+        mlflow_run_id=run_id,
+        log_metrics=False,
+    )
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.25"
+    trainer.fit()
+    assert MlflowClient(local_run.uri).get_run(run_id).data.metrics == {}
+    ckpt = best_checkpoint(local_run.root / "ray_results" / "driver-logs")
+    assert ckpt is not None
+    assert load_checkpoint(ckpt)["mlflow_run_id"] == run_id
+
+
 def test_rerun_of_a_name_continues_in_the_same_mlflow_run(local_run: LocalRun) -> None:
     # Last in the module: it reopens the shared run. Same name, nothing left to train.
     cfg = load_config(
