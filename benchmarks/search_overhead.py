@@ -1,17 +1,27 @@
 """Search overhead: the fixed cost of a trial, and the trial-epochs ASHA saves.
 
-(a) Fixed cost per trial, in paired rounds (the machine's load drifts, so each trial is
-compared with a bare start measured right before it). Each round: a bare 2-worker
-``TorchTrainer`` whose loop only reports once, started from the driver (Ray's own
-worker-group start), then a real one-trial search (``quakeray.search.run_search``, a
-2-worker trial on generated data). The trial's fixed cost is its wall time (its MLflow
-run, opened first and closed last by the trial) minus the time of its epochs (epochs x
-the median interval between its per-epoch MLflow points); minus the bare start it is
-what quakeray adds (target <= 2 s). The fixed cost is broken down by timing the pieces
-on their own: imports a fresh worker does beyond what the bare trainer's workers import
-(timm and quakeray on top of torch and ray.train.torch; cold, in a subprocess), opening
-the data (datasets + statistics + a first batch), the trial's model check, and MLflow
-(child run, params, config, finalisation from the trial's checkpoint, close).
+(a) Fixed cost per trial, in paired rounds (the machine's load drifts, so each search is
+compared with baselines measured right before it). Each round measures three things:
+
+1. **bare start**: a 2-worker ``TorchTrainer`` whose loop only reports once, started from
+   the driver (Ray's own worker-group start and teardown);
+2. **bare Tune trial**: a sequential Tune search whose trial function builds that same bare
+   trainer with Train's ``TuneReportCallback`` (Ray Tune's own per-trial work on top of 1:
+   the trial actor, its report queue, the controller's Tune imports; no quakeray code);
+3. **quakeray trial**: a sequential ``quakeray.search.run_search`` of 2-worker trials on
+   generated data.
+
+Every trial is clocked the same way, by a Tune callback in the driver: its span (Tune
+starts its actor, to Tune's completion callbacks, the driver's MLflow finalisation
+included) minus its epochs (epochs x the median interval between its results), plus the
+gap before it (from the previous trial's end: Tune's scheduling, the trial actor's
+start, the driver's suggestion, where quakeray opens the MLflow run). That fixed cost
+minus 2. is what quakeray adds (target <= 2 s); minus 1. it is what quakeray and Ray Tune
+add together. The parts are timed on their own: imports a fresh worker does beyond a
+bare one (timm and quakeray; cold, in a subprocess), opening the data (datasets +
+statistics + a first batch), the trial's model check, and the driver's MLflow work per
+trial (child run, params, config, epoch metrics, finalisation from a real checkpoint,
+close).
 
 (b) ASHA. The same 6-trial search (same seed, so the same reference points and TPE
 proposals until results differ) with and without ASHA: trial-epochs run, best val_MAE,
@@ -19,8 +29,8 @@ wall time.
 
 Prints a table and writes ``benchmarks/results/search_overhead.json``.
 
-    .venv/bin/python benchmarks/search_overhead.py               # ~8-10 min on 2 cores
-    .venv/bin/python benchmarks/search_overhead.py --smoke-test  # ~2 min
+    .venv/bin/python benchmarks/search_overhead.py               # ~14 min on 2 cores
+    .venv/bin/python benchmarks/search_overhead.py --smoke-test  # ~3 min
 """
 
 from __future__ import annotations
@@ -43,14 +53,20 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
+import math
+
 import ray
 import ray.train
 import ray.train.torch
 from mlflow.tracking import MlflowClient
+from optuna.distributions import FloatDistribution as optuna_uniform
+from ray import tune
+from ray.tune import Callback
 
 from quakeray.config import ExperimentConfig, load_config
 from quakeray.search import SearchSummary, run_search
-from quakeray.search_tracking import child_runs, close_trial_run, open_trial_run
+from quakeray.search_tracking import close_trial_run, open_trial_run
+from quakeray.train import METRIC_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "search_overhead.json"
@@ -62,25 +78,106 @@ _IMPORTS = (
 )
 
 
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray reads it where fit() is called
+RAY_DEFAULT_POLL_S = 2.0
+
+
 def _noop_loop(config: dict[str, Any]) -> None:
-    ray.train.report({"done": 1.0})
+    ray.train.report({"ok": 1.0})
 
 
-def bare_start(storage: str, repeats: int) -> list[float]:
+def _bare_trainer(name: str, storage: str, callbacks: list[Any]) -> Any:
+    return ray.train.torch.TorchTrainer(
+        _noop_loop,
+        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        run_config=ray.train.RunConfig(name=name, storage_path=storage, callbacks=callbacks),
+    )
+
+
+def bare_start(storage: str, poll_s: float) -> float:
     """Wall seconds of a 2-worker TorchTrainer whose loop only reports once."""
-    times = []
-    for i in range(repeats):
-        trainer = ray.train.torch.TorchTrainer(
-            _noop_loop,
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=2, resources_per_worker={"CPU": 0.5}
-            ),
-            run_config=ray.train.RunConfig(name=f"bare-{i}", storage_path=storage),
-        )
-        t0 = time.perf_counter()
-        trainer.fit()
-        times.append(time.perf_counter() - t0)
-    return times
+    os.environ[POLL_ENV] = str(poll_s)
+    trainer = _bare_trainer("bare", storage, [])
+    t0 = time.perf_counter()
+    trainer.fit()
+    return time.perf_counter() - t0
+
+
+class TrialClock(Callback):  # type: ignore[misc]
+    """Driver-side clock of every trial: start, result and completion times."""
+
+    def __init__(self) -> None:
+        self.trials: dict[str, dict[str, Any]] = {}
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.trials[trial.trial_id] = {"start": time.time(), "results": [], "end": None}
+
+    def on_trial_result(
+        self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any], **info: Any
+    ) -> None:
+        if "epoch" in result:
+            self.trials[trial.trial_id]["results"].append(time.time())
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.trials[trial.trial_id]["end"] = time.time()
+
+    def costs(self) -> list[dict[str, float]]:
+        """Per trial (start order): span, epochs, epoch time, gap before it, fixed cost."""
+        out: list[dict[str, float]] = []
+        previous_end = None
+        for t in sorted(self.trials.values(), key=lambda t: t["start"]):
+            stamps = t["results"]
+            epoch_s = (
+                statistics.median(b - a for a, b in itertools.pairwise(stamps))
+                if len(stamps) > 1
+                else 0.0
+            )
+            span = t["end"] - t["start"]
+            gap = t["start"] - previous_end if previous_end is not None else math.nan
+            out.append(
+                {
+                    "span_s": span,
+                    "epochs": len(stamps),
+                    "epoch_s": epoch_s,
+                    "gap_before_s": gap,
+                    "fixed_s": span - len(stamps) * epoch_s + (0.0 if math.isnan(gap) else gap),
+                }
+            )
+            previous_end = t["end"]
+        return out[1:]  # the first trial has no gap before it (the search's own start)
+
+
+def _bare_tune_trial(config: dict[str, Any]) -> None:
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    os.environ[POLL_ENV] = str(config["poll_s"])
+    name = f"bare-{tune.get_context().get_trial_id()}"
+    _bare_trainer(name, config["storage"], [TuneReportCallback()]).fit()
+
+
+def bare_tune_trials(storage: str, n: int, poll_s: float) -> list[dict[str, float]]:
+    """Fixed costs of ``n`` sequential Tune trials, each a bare 2-worker TorchTrainer.
+
+    The same Tune machinery as a quakeray search: a searcher behind a concurrency
+    limiter of 1, and 1 logical CPU per trial actor (``search.trial_cpus``).
+    """
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    clock = TrialClock()
+    searcher = OptunaSearch(space={"x": optuna_uniform(0.0, 1.0)}, metric="ok", mode="max")
+    tuner = tune.Tuner(
+        tune.with_resources(_bare_tune_trial, {"cpu": 1.0}),
+        param_space={"storage": storage, "poll_s": poll_s},
+        tune_config=tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=1), num_samples=n
+        ),
+        run_config=tune.RunConfig(
+            name="bare-tune", storage_path=storage, callbacks=[clock], verbose=0
+        ),
+    )
+    tuner.fit()
+    return clock.costs()
 
 
 def import_seconds() -> float:
@@ -114,8 +211,8 @@ def check_model_seconds(cfg: ExperimentConfig, data_path: str, stats_path: str |
     return time.perf_counter() - t0
 
 
-def mlflow_seconds(summary: SearchSummary, cfg: ExperimentConfig) -> float:
-    """A trial's own MLflow calls, replayed on the same store with a real checkpoint."""
+def mlflow_seconds(summary: SearchSummary, cfg: ExperimentConfig, epochs: int) -> float:
+    """The driver's MLflow work for one trial, replayed on the same store."""
     from quakeray.tracking import RunLogger, log_config
     from quakeray.train import finalize_run
 
@@ -126,35 +223,17 @@ def mlflow_seconds(summary: SearchSummary, cfg: ExperimentConfig) -> float:
     run_id = open_trial_run(
         uri, summary.experiment_id, summary.parent_run_id, "bench-replay", run_name="bench-replay"
     )
-    RunLogger(uri, run_id).log_params({"trial.loss.margin": 0.1})
+    logger = RunLogger(uri, run_id)
+    logger.log_params({"trial.loss.margin": 0.1})
     log_config(uri, run_id, cfg)
+    logger.logged_steps("epoch")
+    for epoch in range(epochs):
+        logger.log_metrics({name: 1.0 for name in METRIC_NAMES} | {"epoch": epoch}, step=epoch)
     finalize_run(uri, run_id, cfg, ckpt)
     close_trial_run(uri, run_id, "completed")
     seconds = time.perf_counter() - t0
     MlflowClient(tracking_uri=uri).delete_run(run_id)
     return seconds
-
-
-def trial_costs(summary: SearchSummary) -> list[dict[str, float]]:
-    """Per trial: wall (MLflow run), epoch time (epochs x median interval), fixed = rest."""
-    client = MlflowClient(tracking_uri=summary.tracking_uri)
-    out = []
-    for run in child_runs(summary.tracking_uri, summary.experiment_id, summary.parent_run_id):
-        history = sorted(client.get_metric_history(run.info.run_id, "epoch"), key=lambda m: m.step)
-        stamps = [m.timestamp / 1000 for m in history]
-        if len(stamps) < 2 or run.info.end_time is None:
-            continue
-        epoch_s = statistics.median(b - a for a, b in itertools.pairwise(stamps))
-        wall = (run.info.end_time - run.info.start_time) / 1000
-        out.append(
-            {
-                "wall_s": wall,
-                "epochs": len(stamps),
-                "epoch_s": epoch_s,
-                "fixed_s": wall - len(stamps) * epoch_s,
-            }
-        )
-    return out
 
 
 def search_cfg(root: Path, data: str, name: str, extra: list[str]) -> ExperimentConfig:
@@ -196,12 +275,17 @@ def main() -> int:
     )
     figures: dict[str, Any] = {"machine": platform.platform(), "cpus": os.cpu_count()}
 
-    # (a) fixed cost per trial vs a bare worker-group start, in paired rounds
+    # (a) fixed cost per trial: bare start, bare Tune trials, quakeray trials, paired rounds
     epochs = 2 if smoke else 3
+    trials = 2 if smoke else 4  # sequential; the first one's gap is the search's own start
     rounds = []
     summary_a: SearchSummary | None = None
+    poll = ExperimentConfig().scaling.poll_interval_s  # what quakeray sets
+    bare_start(str(root / "bare-warm-up"), RAY_DEFAULT_POLL_S)  # Ray's one-time actors
     for i in range(1 if smoke else 3):
-        bare = bare_start(str(root / f"bare-{i}"), repeats=1)[0]
+        bare_default = bare_start(str(root / f"bare-default-{i}"), RAY_DEFAULT_POLL_S)
+        bare = bare_start(str(root / f"bare-{i}"), poll)
+        bare_tune = bare_tune_trials(str(root / f"bare-tune-{i}"), trials, poll)
         cfg_a = search_cfg(
             root,
             data,
@@ -210,38 +294,66 @@ def main() -> int:
                 f"optim.epochs={epochs}",
                 "scaling.num_workers=2",
                 "scaling.cpus_per_worker=0.5",
-                "search.num_samples=1",
+                f"search.num_samples={trials}",
                 "search.max_concurrent=1",
                 "search.asha=false",
             ],
         )
-        summary_a = run_search(cfg_a)
-        (cost,) = trial_costs(summary_a)
-        rounds.append({"bare_start_s": bare, **cost, "added_s": cost["fixed_s"] - bare})
+        clock = TrialClock()
+        summary_a = run_search(cfg_a, callbacks=[clock])
+        ours = clock.costs()
+        tune_fixed = statistics.median(c["fixed_s"] for c in bare_tune)
+        our_fixed = statistics.median(c["fixed_s"] for c in ours)
+        rounds.append(
+            {
+                "bare_start_ray_default_poll_s": bare_default,
+                "bare_start_s": bare,
+                "bare_tune_trials": bare_tune,
+                "quakeray_trials": ours,
+                "bare_tune_fixed_s": tune_fixed,
+                "quakeray_fixed_s": our_fixed,
+                "poll_saving_s": bare_default - bare,
+                "added_by_ray_tune_s": tune_fixed - bare,
+                "added_by_quakeray_s": our_fixed - tune_fixed,
+                "added_over_bare_start_ray_defaults_s": our_fixed - bare_default,
+            }
+        )
     assert summary_a is not None
     prepared = prepare_data(cfg_a)
     parts = {
-        "imports_s (timm + quakeray, beyond a bare worker)": import_seconds(),
-        "data_open_s (datasets, statistics, first batch)": data_open_seconds(
+        "imports_s (worker: timm + quakeray, beyond a bare worker)": import_seconds(),
+        "data_open_s (worker: datasets, statistics, first batch)": data_open_seconds(
             cfg_a, prepared.path, prepared.stats_path
         ),
-        "model_check_s (trial builds the model once)": check_model_seconds(
+        "model_check_s (build + one forward, as the driver checks)": check_model_seconds(
             cfg_a, prepared.path, prepared.stats_path
         ),
-        "mlflow_s (child run, params, config, finalize, close)": mlflow_seconds(summary_a, cfg_a),
+        "mlflow_s (driver: run, params, config, epochs, finalize, close)": mlflow_seconds(
+            summary_a, cfg_a, epochs
+        ),
     }
-    added = [r["added_s"] for r in rounds]
+
+    def median(key: str) -> float:
+        return statistics.median(r[key] for r in rounds)
+
     figures["a_fixed_cost"] = {
+        "poll_interval_s": poll,
         "rounds": rounds,
-        "median_bare_start_s": statistics.median(r["bare_start_s"] for r in rounds),
-        "median_trial_fixed_s": statistics.median(r["fixed_s"] for r in rounds),
-        "median_trial_wall_s": statistics.median(r["wall_s"] for r in rounds),
-        "median_epoch_s": statistics.median(r["epoch_s"] for r in rounds),
-        "breakdown_of_added": parts,
-        "added_sum_of_parts_s": sum(parts.values()),
-        "added_over_bare_median_s": statistics.median(added),
-        "added_over_bare_min_s": min(added),
-        "target_added_s": 2.0,
+        "median_bare_start_ray_default_poll_s": median("bare_start_ray_default_poll_s"),
+        "median_bare_start_s": median("bare_start_s"),
+        "median_bare_tune_fixed_s": median("bare_tune_fixed_s"),
+        "median_quakeray_fixed_s": median("quakeray_fixed_s"),
+        "median_epoch_s": statistics.median(
+            c["epoch_s"] for r in rounds for c in r["quakeray_trials"]
+        ),
+        "breakdown_parts": parts,
+        "added_by_quakeray_median_s": median("added_by_quakeray_s"),
+        "added_by_ray_tune_median_s": median("added_by_ray_tune_s"),
+        "poll_saving_median_s": median("poll_saving_s"),
+        "added_over_bare_start_ray_defaults_median_s": median(
+            "added_over_bare_start_ray_defaults_s"
+        ),
+        "target_added_by_quakeray_s": 2.0,
     }
 
     # (b) ASHA vs no early stopping, same trials and seed
@@ -278,20 +390,35 @@ def main() -> int:
     shutil.rmtree(root, ignore_errors=True)  # data, checkpoints, MLflow store of the runs
 
     a = figures["a_fixed_cost"]
-    print("\n(a) fixed cost per trial (2 workers), seconds, paired rounds")
-    for r in rounds:
+    print(
+        "\n(a) fixed cost per trial (2 workers), seconds: span - epochs + gap before it;"
+        f" controller poll interval {poll} s unless said"
+    )
+    for i, r in enumerate(rounds):
         print(
-            f"  bare start {r['bare_start_s']:5.1f} | trial wall {r['wall_s']:5.1f} - "
-            f"{r['epochs']} epochs x {r['epoch_s']:.2f} = fixed {r['fixed_s']:5.1f} | "
-            f"added {r['added_s']:+5.1f}"
+            f"  round {i}: bare start {r['bare_start_s']:5.1f} "
+            f"({r['bare_start_ray_default_poll_s']:.1f} at Ray's default poll of 2 s)"
+        )
+        kinds = (("bare Tune trial", "bare_tune_trials"), ("quakeray trial", "quakeray_trials"))
+        for label, key in kinds:
+            for c in r[key]:
+                print(
+                    f"    {label:<16} span {c['span_s']:5.1f} - {c['epochs']} epochs x "
+                    f"{c['epoch_s']:.2f} + gap {c['gap_before_s']:4.1f} = fixed {c['fixed_s']:5.1f}"
+                )
+        print(
+            f"    added by quakeray {r['added_by_quakeray_s']:+5.1f} | by Ray Tune "
+            f"{r['added_by_ray_tune_s']:+5.1f} | quakeray trial vs bare start at Ray's "
+            f"defaults {r['added_over_bare_start_ray_defaults_s']:+5.1f}"
         )
     print(
-        f"  added by quakeray: median {a['added_over_bare_median_s']:+.1f}, "
-        f"min {a['added_over_bare_min_s']:+.1f} (target <= 2.0); "
-        f"sum of the parts below {a['added_sum_of_parts_s']:.1f}"
+        f"  medians: added by quakeray {a['added_by_quakeray_median_s']:+.1f} (target <= 2.0), "
+        f"by Ray Tune {a['added_by_ray_tune_median_s']:+.1f}; poll interval saves "
+        f"{a['poll_saving_median_s']:.1f}; quakeray trial vs bare start at Ray's defaults "
+        f"{a['added_over_bare_start_ray_defaults_median_s']:+.1f}"
     )
     for key, value in parts.items():
-        print(f"    {key:<58} {value:6.2f}")
+        print(f"    {key:<62} {value:6.2f}")
     print("\n(b) ASHA vs no early stopping")
     for key, value in b_runs.items():
         print(
