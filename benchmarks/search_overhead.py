@@ -236,7 +236,20 @@ def mlflow_seconds(summary: SearchSummary, cfg: ExperimentConfig, epochs: int) -
     return seconds
 
 
+def start_local_ray() -> None:
+    """The Ray both search benchmarks run on: 4 logical CPUs on this 2-core machine."""
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        object_store_memory=256 * 1024**2,
+        log_to_driver=False,
+    )
+
+
 def search_cfg(root: Path, data: str, name: str, extra: list[str]) -> ExperimentConfig:
+    """A search on ``data`` with ``test_resnet``, stored under ``root``; ``extra`` overrides."""
     return load_config(
         None,
         [
@@ -265,14 +278,7 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="qr-search-bench-"))
     data = str(write_synthetic(root / "q.h5", events=12 if smoke else 48, size=32, seed=0))
     load_before = os.getloadavg()
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        object_store_memory=256 * 1024**2,
-        log_to_driver=False,
-    )
+    start_local_ray()
     figures: dict[str, Any] = {"machine": platform.platform(), "cpus": os.cpu_count()}
 
     # (a) fixed cost per trial: bare start, bare Tune trials, quakeray trials, paired rounds

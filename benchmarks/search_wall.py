@@ -38,8 +38,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 import ray
+from search_overhead import search_cfg, start_local_ray  # the same search and Ray
 
-from quakeray.config import load_config
 from quakeray.data.synthetic import write_synthetic
 from quakeray.search import run_search
 
@@ -57,32 +57,18 @@ def main() -> int:
     trials, repeats = (2, 1) if args.smoke_test else (4, args.repeats)
     root = Path(tempfile.mkdtemp(prefix="qr-search-wall-"))
     data = str(write_synthetic(root / "q.h5", events=48, size=32, seed=0))
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        object_store_memory=256 * 1024**2,
-        log_to_driver=False,
-    )
+    start_local_ray()
     load_before = os.getloadavg()
     runs: list[dict[str, Any]] = []
     for i in range(repeats):
-        cfg = load_config(
-            None,
+        cfg = search_cfg(
+            root,
+            data,
+            f"wall-{i}",
             [
-                f"data.path={data}",
-                f"run.storage_path={root / 'ray_results'}",
-                f"tracking.uri=sqlite:///{root / 'mlflow.db'}",
-                "model.backbone=test_resnet",
-                "optim.batch_size=8",
-                "optim.lr=3e-3",
                 "optim.epochs=3",
                 "scaling.num_workers=2",
                 "scaling.cpus_per_worker=0.5",
-                "tracking.log_model=false",
-                "search.evaluate_best=false",
-                f"search.name=wall-{i}",
                 f"search.num_samples={trials}",
                 "search.max_concurrent=1",
                 "search.asha=false",
