@@ -490,6 +490,7 @@ def run_search(
                         base=setup.base,
                         metric_names=train.METRIC_NAMES,
                         score_metric=train.SCORE_METRIC,
+                        train_storage=setup.train_storage,
                     ),
                     *callbacks,
                 ],

@@ -229,6 +229,7 @@ class TrialRunTracker(Callback):  # type: ignore[misc]
         base: Mapping[str, Any],
         metric_names: tuple[str, ...],
         score_metric: str,
+        train_storage: str,
     ) -> None:
         self.uri = uri
         self.experiment_id = experiment_id
@@ -236,6 +237,7 @@ class TrialRunTracker(Callback):  # type: ignore[misc]
         self.base = dict(base)
         self.metric_names = metric_names
         self.score_metric = score_metric  # the metric Train ranks checkpoints by (min)
+        self.train_storage = train_storage  # gives reported checkpoint paths their scheme
         self._stopped: set[str] = set()
         self._logged: dict[str, set[int]] = {}  # run id -> epochs in MLflow
         self._best: dict[str, tuple[float, str]] = {}  # trial id -> (score, checkpoint)
@@ -267,7 +269,9 @@ class TrialRunTracker(Callback):  # type: ignore[misc]
         score = float(raw) if isinstance(raw, (int, float)) else math.nan
         best = self._best.get(trial.trial_id)
         if path and math.isfinite(score) and (best is None or score < best[0]):
-            self._best[trial.trial_id] = (score, str(path))
+            from quakeray.train import checkpoint_uri
+
+            self._best[trial.trial_id] = (score, checkpoint_uri(str(path), self.train_storage))
         self._guarded(trial, lambda run_id: self._log_epoch(run_id, result))
 
     def on_trial_complete(

@@ -294,20 +294,21 @@ def best_checkpoint_path(result: Any, *, run_dir: str) -> str | None:
     for ckpt, metrics in getattr(result, "best_checkpoints", None) or []:
         value = metrics.get(SCORE_METRIC, math.nan)
         if value is not None and math.isfinite(value):
-            scored.append((value, -int(metrics.get("epoch", 0)), _checkpoint_uri(ckpt, run_dir)))
+            path = checkpoint_uri(str(ckpt.path), run_dir)
+            scored.append((value, -int(metrics.get("epoch", 0)), path))
     if scored:
         return str(min(scored)[2])
     local = best_checkpoint(run_dir) if "://" not in run_dir else None
     if local is not None:
         return str(local)
     ckpt = getattr(result, "checkpoint", None)
-    return _checkpoint_uri(ckpt, run_dir) if ckpt is not None else None
+    return checkpoint_uri(str(ckpt.path), run_dir) if ckpt is not None else None
 
 
-def _checkpoint_uri(ckpt: Any, run_dir: str) -> str:
-    path = str(ckpt.path)
-    if "://" in run_dir and "://" not in path:
-        return f"{run_dir.split('://', 1)[0]}://{path}"
+def checkpoint_uri(path: str, storage: str) -> str:
+    """A checkpoint path as Ray reports it (no scheme) in the scheme of its ``storage``."""
+    if "://" in storage and "://" not in path:
+        return f"{storage.split('://', 1)[0]}://{path}"
     return path
 
 

@@ -72,7 +72,7 @@ def _opener(uri: str, suggestions: list[Any]) -> TrialRunOpener:
     )
 
 
-def _tracker(opener: TrialRunOpener) -> TrialRunTracker:
+def _tracker(opener: TrialRunOpener, train_storage: str = "/runs/train") -> TrialRunTracker:
     return TrialRunTracker(
         opener.uri,
         opener.experiment_id,
@@ -80,6 +80,7 @@ def _tracker(opener: TrialRunOpener) -> TrialRunTracker:
         base=BASE,
         metric_names=METRIC_NAMES,
         score_metric=SCORE_METRIC,
+        train_storage=train_storage,
     )
 
 
@@ -155,8 +156,11 @@ def test_tracker_logs_each_epoch_once_also_after_a_resume(mlflow_uri: str) -> No
     assert pickle.loads(pickle.dumps(again)).metric_names == METRIC_NAMES
 
 
+@pytest.mark.parametrize(
+    ("storage", "scheme"), [("/data/search/train", ""), ("s3://bucket/search/train", "s3://")]
+)
 def test_tracker_finalizes_the_best_reported_checkpoint_and_closes(
-    mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+    mlflow_uri: str, monkeypatch: pytest.MonkeyPatch, storage: str, scheme: str
 ) -> None:
     finalized: list[tuple[str, str, int]] = []
 
@@ -167,17 +171,27 @@ def test_tracker_finalizes_the_best_reported_checkpoint_and_closes(
     opener = _opener(mlflow_uri, [{"optim.epochs": 3}, {"loss.margin": 0.2}])
     done, stopped = opener.suggest("done"), opener.suggest("stopped")
     assert isinstance(done, dict) and isinstance(stopped, dict)
-    tracker = _tracker(opener)
+    tracker = _tracker(opener, train_storage=storage)
+    # Ray reports checkpoint paths without the storage's scheme.
+    where = storage.removeprefix(scheme)
     for epoch, value in enumerate([2.0, 1.1, 1.4]):
-        tracker.on_trial_result(0, [], _trial("done", done), _result(epoch, value, f"/c/{epoch}"))
+        ckpt = f"{where}/train-done/checkpoint_{epoch}"
+        tracker.on_trial_result(0, [], _trial("done", done), _result(epoch, value, ckpt))
     # ASHA's decision arrives as the stopped trial's last result, marked done.
     tracker.on_trial_result(
-        0, [], _trial("stopped", stopped), _result(0, 3.0, "/s/0") | {"done": True}
+        0,
+        [],
+        _trial("stopped", stopped),
+        _result(0, 3.0, f"{where}/train-stopped/checkpoint_0") | {"done": True},
     )
     tracker.on_trial_complete(0, [], _trial("done", done))
     tracker.on_trial_complete(0, [], _trial("stopped", stopped))
-    # The sample shapes the finalised config (3 epochs, not the base's 10).
-    assert finalized == [(done[RUN_KEY], "/c/1", 3), (stopped[RUN_KEY], "/s/0", 10)]
+    # The best epoch (1), in the storage's scheme; the sample shapes the finalised config
+    # (3 epochs, not the base's 10).
+    assert finalized == [
+        (done[RUN_KEY], f"{storage}/train-done/checkpoint_1", 3),
+        (stopped[RUN_KEY], f"{storage}/train-stopped/checkpoint_0", 10),
+    ]
     client = MlflowClient(mlflow_uri)
     for config, status in ((done, "completed"), (stopped, "stopped")):
         run = client.get_run(config[RUN_KEY])
