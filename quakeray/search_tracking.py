@@ -11,9 +11,10 @@ trial's critical path, and gives the tracking store a single writer per search:
 - :class:`TrialRunTracker`, a Tune callback, logs every result's epoch metrics into the
   child run (a point in MLflow means its checkpoint is persisted: Tune only sees reports
   Train has checkpointed), reopens the run of a restarted trial (no duplicates), and
-  closes it: finished trials first get their best checkpoint's predictions, figures and
-  ``best_*`` metrics (:func:`quakeray.train.finalize_run`); trials stopped early by ASHA
-  end ``stopped``; failed trials end ``failed`` with their error;
+  closes it: completed trials and those stopped early by ASHA first get their best
+  checkpoint's predictions, figures and ``best_*`` metrics
+  (:func:`quakeray.train.finalize_run`), then end ``completed`` or ``stopped``; failed
+  trials end ``failed`` with their error;
 - trials cut off with the driver (Ctrl-C, an error in Tune) are closed ``cancelled`` by the
   driver once ``Tuner.fit`` returns or raises (Tune marks them TERMINATED on its way out,
   so a callback cannot tell them apart). After a killed driver their runs stay RUNNING
@@ -112,17 +113,22 @@ def open_trial_run(
     """
     existing = find_trial_run(uri, experiment_id, parent_run_id, trial_id)
     if existing is not None:
-        run_id = str(existing.info.run_id)
-        restarts = int(existing.data.tags.get(TAG_RESTARTS, "0")) + 1
-        client = tracking.mlflow_client(uri)
-        client.update_run(run_id, status="RUNNING")
-        client.set_tag(run_id, TAG_STATUS, "running")
-        client.set_tag(run_id, TAG_RESTARTS, str(restarts))
-        return run_id
+        reopen_trial_run(uri, existing)
+        return str(existing.info.run_id)
     all_tags = {TAG_ROLE: "trial", TAG_TRIAL: trial_id, TAG_STATUS: "running", **(tags or {})}
     return tracking.start_run(
         uri, experiment_id, run_name=run_name, parent_run_id=parent_run_id, tags=all_tags
     )
+
+
+def reopen_trial_run(uri: str, run: Run) -> None:
+    """RUNNING again, status tag ``running``, one more restart counted."""
+    run_id = str(run.info.run_id)
+    restarts = int(run.data.tags.get(TAG_RESTARTS, "0")) + 1
+    client = tracking.mlflow_client(uri)
+    client.update_run(run_id, status="RUNNING")
+    client.set_tag(run_id, TAG_STATUS, "running")
+    client.set_tag(run_id, TAG_RESTARTS, str(restarts))
 
 
 def close_trial_run(
@@ -328,14 +334,9 @@ class TrialRunTracker(Callback):  # type: ignore[misc]
         )
 
     def _reopen(self, run_id: str) -> None:
-        if tracking.run_status(self.uri, run_id) == "RUNNING":
-            return  # a first start: the opener left it running
         run = tracking.mlflow_client(self.uri).get_run(run_id)
-        restarts = int(run.data.tags.get(TAG_RESTARTS, "0")) + 1
-        client = tracking.mlflow_client(self.uri)
-        client.update_run(run_id, status="RUNNING")
-        client.set_tag(run_id, TAG_STATUS, "running")
-        client.set_tag(run_id, TAG_RESTARTS, str(restarts))
+        if run.info.status != "RUNNING":  # else a first start: the opener left it running
+            reopen_trial_run(self.uri, run)
 
     def _log_epoch(self, run_id: str, result: Mapping[str, Any]) -> None:
         logger = tracking.RunLogger(self.uri, run_id)
