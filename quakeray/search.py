@@ -58,6 +58,7 @@ from quakeray.search_space import (
     grid_size,
     reference_points,
     sample_of,
+    trial_config,
 )
 from quakeray.search_tracking import (
     RUN_KEY,
@@ -314,7 +315,7 @@ def search_trial(config: dict[str, Any], *, setup: TrialSetup) -> None:
     trial_id = tune.get_context().get_trial_id()
     run_id = str(config[RUN_KEY])
     sample = sample_of(config)
-    cfg = with_overrides(from_dict(setup.base, source="search config"), sample)
+    cfg = trial_config(setup.base, config)
     data = train.PreparedData(setup.data_path, setup.stats_path)
     if any(k.startswith(("model.", "data.")) for k in sample):
         # A backbone the sample names but timm lacks fails here in a second, not in a

@@ -33,6 +33,7 @@ from quakeray.config import (
     ExperimentConfig,
     SpaceParam,
     describe_param,
+    from_dict,
     get_dotted,
     with_overrides,
 )
@@ -54,6 +55,15 @@ def sample_of(config: Mapping[str, Any]) -> dict[str, Any]:
     the markers quakeray adds to a trial's config always do.
     """
     return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def trial_config(base: Mapping[str, Any], config: Mapping[str, Any]) -> ExperimentConfig:
+    """A trial's resolved config: the search's config (``to_dict`` form) with its sample.
+
+    Raises:
+        ConfigError: The sample breaks the config (a value out of range, a wrong type).
+    """
+    return with_overrides(from_dict(base, source="search config"), sample_of(config))
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,7 @@ from ray.tune import Callback
 from ray.tune.search import Searcher
 
 from quakeray import tracking
-from quakeray.config import from_dict, with_overrides
-from quakeray.search_space import REFERENCE_KEY, SearcherWrapper, sample_of
+from quakeray.search_space import REFERENCE_KEY, SearcherWrapper, sample_of, trial_config
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -211,7 +210,7 @@ class TrialRunOpener(SearcherWrapper):
         logger = tracking.RunLogger(self.uri, run_id)
         logger.log_params({f"trial.{k}": v for k, v in sample.items()})
         try:
-            cfg = with_overrides(from_dict(self.base, source="search config"), sample)
+            cfg = trial_config(self.base, config)
         except Exception:
             log.debug("trial %s: its sample breaks the config", trial_id, exc_info=True)
         else:
@@ -351,8 +350,7 @@ class TrialRunTracker(Callback):  # type: ignore[misc]
     def _finalize(self, trial: Trial, run_id: str, checkpoint: str) -> None:
         from quakeray.train import finalize_run
 
-        sample = sample_of(getattr(trial, "config", None) or {})
-        cfg = with_overrides(from_dict(self.base, source="search config"), sample)
+        cfg = trial_config(self.base, getattr(trial, "config", None) or {})
         try:
             finalize_run(self.uri, run_id, cfg, checkpoint)
         except Exception as exc:  # the run keeps its metrics; say what is missing
