@@ -279,7 +279,7 @@ def evaluate_target(
 
     Raises:
         CheckpointError: No checkpoint found for ``target``.
-        TrackingError: A run id was given but the store cannot be read.
+        TrackingError: A run id was given but the store does not exist or cannot be read.
     """
     from quakeray.tracking import resolve_tracking_uri
 
@@ -317,9 +317,13 @@ def _checkpoint_of_run(run_id: str, uri: str) -> str:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from quakeray.tracking import check_tracking
+    from quakeray.tracking import check_existing_store
 
-    check_tracking(uri)
+    check_existing_store(
+        uri,
+        f"{run_id!r} is neither a checkpoint folder nor a run there: pass a checkpoint path, "
+        "or a run id and --tracking-uri",
+    )
     try:
         run = MlflowClient(tracking_uri=uri).get_run(run_id)
     except MlflowException:

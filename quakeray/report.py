@@ -25,7 +25,6 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from quakeray.errors import SearchError
@@ -98,19 +97,14 @@ def build_report(experiment: str, *, tracking_uri: str | None = None) -> Report:
     Raises:
         SearchError: No such experiment, or no finished run with a backbone, a loss
             weight and a validation MAE.
-        TrackingError: The store cannot be reached.
+        TrackingError: The store does not exist or cannot be reached.
     """
     from mlflow.tracking import MlflowClient
 
-    from quakeray.tracking import check_tracking, resolve_tracking_uri
+    from quakeray.tracking import check_existing_store, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri or "")
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
-        # Reading must not create an empty store (and report nothing from it).
-        raise SearchError(
-            f"no MLflow store at {uri}; run the report where the search ran, or pass --tracking-uri"
-        )
-    check_tracking(uri)
+    check_existing_store(uri, "run the report where the search ran, or pass --tracking-uri")
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:

@@ -130,6 +130,25 @@ def check_tracking(uri: str) -> None:
         ) from None
 
 
+def check_existing_store(uri: str, hint: str) -> None:
+    """:func:`check_tracking` for commands that only read: a missing sqlite store is an error.
+
+    Reading must not create an empty store in the working directory (and then report that
+    it holds nothing).
+
+    Args:
+        uri: An absolute tracking URI (see :func:`resolve_tracking_uri`).
+        hint: What the user should do instead, ending the one-line error.
+
+    Raises:
+        TrackingError: The sqlite file does not exist, or the store cannot be used.
+    """
+    db = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else ""
+    if db and db != ":memory:" and not Path(db).is_file():
+        raise TrackingError(f"no MLflow store at {uri}; {hint}")
+    check_tracking(uri)
+
+
 def get_or_create_experiment(uri: str, name: str) -> str:
     """Id of the experiment ``name``, created if missing (restored if deleted).
 

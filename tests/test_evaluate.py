@@ -103,6 +103,21 @@ def test_bad_targets(trained: tuple[TrainSummary, Path], tmp_path: Path) -> None
         evaluate_checkpoint(str(tmp_path / "junk"))
 
 
+def test_a_run_id_without_a_store_creates_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from quakeray.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["evaluate", "0123456789abcdef"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("quakeray: error: no MLflow store at sqlite:///"), err
+    assert len(err.splitlines()) == 1, err
+    assert "'0123456789abcdef' is neither a checkpoint folder" in err
+    assert list(tmp_path.iterdir()) == []  # reading created no store
+
+
 def test_cli_evaluate(trained: tuple[TrainSummary, Path], tmp_path: Path) -> None:
     summary, _ = trained
     assert summary.best_checkpoint is not None
