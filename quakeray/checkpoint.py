@@ -7,6 +7,9 @@ A checkpoint folder holds
   the epoch's metrics. Everything is a tensor, number, string, list or dict, so it loads
   with ``torch.load(weights_only=True)`` (no pickled code runs on load);
 - ``metrics.json``: the epoch's metrics, readable without torch (used to pick the best);
+- ``history.json``: the metrics of every epoch up to this one, so a search driver that
+  never received some reports (it was interrupted after Train checkpointed them) can
+  still log those epochs into the trial's MLflow run when the trial resumes;
 - ``predictions_val.csv``: the validation predictions of that epoch.
 
 Ray Train copies the folder to ``<storage_path>/<run name>/checkpoint_epoch_NNNN``; in
@@ -30,6 +33,7 @@ from quakeray.errors import CheckpointError, ConfigError
 
 STATE_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.json"
+HISTORY_FILE = "history.json"
 PREDICTIONS_FILE = "predictions_val.csv"
 FORMAT_VERSION = 1
 PREDICTION_COLUMNS = ("index", "event_id", "patch", "label", "magnitude", "prediction")
@@ -72,8 +76,9 @@ def save_checkpoint(
     *,
     metrics: Mapping[str, float],
     predictions: Predictions | None = None,
+    history: Sequence[Mapping[str, float]] = (),
 ) -> Path:
-    """Write a checkpoint folder (state, metrics JSON, predictions CSV).
+    """Write a checkpoint folder (state, metrics JSON, predictions CSV, history JSON).
 
     The state file is written to a temporary name and renamed, so a reader never sees a
     half-written checkpoint.
@@ -83,6 +88,7 @@ def save_checkpoint(
         state: Plain types and tensors only (see module docstring).
         metrics: The epoch's metrics.
         predictions: The epoch's validation predictions.
+        history: The metrics of every epoch so far, this one included.
 
     Returns:
         The folder.
@@ -98,6 +104,8 @@ def save_checkpoint(
     (out / METRICS_FILE).write_text(json.dumps(_json_safe(metrics), indent=1, sort_keys=True))
     if predictions is not None:
         write_predictions(out / PREDICTIONS_FILE, predictions)
+    if history:
+        (out / HISTORY_FILE).write_text(json.dumps([_json_safe(m) for m in history]))
     return out
 
 
@@ -193,6 +201,15 @@ def read_metrics(directory: str | Path) -> dict[str, float | None]:
     if not file.is_file():
         return {}
     loaded: dict[str, float | None] = json.loads(file.read_text())
+    return loaded
+
+
+def read_history(directory: str | Path) -> list[dict[str, float | None]]:
+    """The ``history.json`` of a checkpoint folder, oldest epoch first ([] if absent)."""
+    file = Path(directory) / HISTORY_FILE
+    if not file.is_file():
+        return []
+    loaded: list[dict[str, float | None]] = json.loads(file.read_text())
     return loaded
 
 

@@ -73,6 +73,7 @@ from quakeray.search_tracking import (
     TrialRunTracker,
     child_runs,
     close_trial_run,
+    wait_for_finalizers,
 )
 
 if TYPE_CHECKING:
@@ -501,7 +502,11 @@ def run_search(
         )
     handler = signal.getsignal(signal.SIGINT)
     try:
-        results = tuner.fit()
+        try:
+            results = tuner.fit()
+        finally:
+            # Ended trials' runs are closed before anything reads runs or closes the rest.
+            wait_for_finalizers()
         interrupted = _tune_was_interrupted()
     except BaseException as exc:
         # Trials still open were cut off with the driver: cancelled, resumable.

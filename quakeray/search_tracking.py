@@ -14,7 +14,9 @@ trial's critical path, and gives the tracking store a single writer per search:
   closes it: completed trials and those stopped early by ASHA first get their best
   checkpoint's predictions, figures and ``best_*`` metrics
   (:func:`quakeray.train.finalize_run`), then end ``completed`` or ``stopped``; failed
-  trials end ``failed`` with their error;
+  trials end ``failed`` with their error. The finalisation runs in a background thread
+  (seconds with model logging), so Tune's loop starts the next trial meanwhile;
+  :func:`wait_for_finalizers` waits for it before anything reads or closes runs;
 - trials cut off with the driver (Ctrl-C, an error in Tune) are closed ``cancelled`` by the
   driver once ``Tuner.fit`` returns or raises (Tune marks them TERMINATED on its way out,
   so a callback cannot tell them apart). After a killed driver their runs stay RUNNING
@@ -29,7 +31,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Literal
 
 from ray.tune import Callback
@@ -58,6 +62,31 @@ TAG_RESTARTS = "quakeray.restarts"  # times Tune restarted the trial
 
 RUN_KEY = "_mlflow_run_id"
 """Key of a trial's config holding its child run's id (set by :class:`TrialRunOpener`)."""
+
+# One thread finalises ended trials, in order, for every tracker of this process: the
+# tracker itself stays picklable, and the search can wait for it whichever tracker
+# instance (a fresh one, or Tune's restored copy on --resume) handed the work over.
+_finalizer: ThreadPoolExecutor | None = None
+_finalizer_lock = threading.Lock()
+
+
+def _in_background(work: Callable[[], None]) -> None:
+    """Run ``work`` on the finaliser thread (started on first use)."""
+    global _finalizer
+    with _finalizer_lock:
+        if _finalizer is None:
+            _finalizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quakeray-final")
+        _finalizer.submit(work)
+
+
+def wait_for_finalizers() -> None:
+    """Block until every trial run handed to the background is finalised and closed."""
+    global _finalizer
+    with _finalizer_lock:
+        executor, _finalizer = _finalizer, None
+    if executor is not None:
+        executor.shutdown(wait=True)
+
 
 CHECKPOINT_KEY = "checkpoint_path"
 """Key of a Tune result holding the checkpoint reported with it (Train's Tune callback)."""
@@ -282,16 +311,24 @@ class TrialRunTracker(Callback):  # type: ignore[misc]
     def on_trial_complete(
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
     ) -> None:
-        """Finalize from the best checkpoint, then close: ``stopped`` or ``completed``."""
+        """Finalize from the best checkpoint, then close: ``stopped`` or ``completed``.
+
+        Both happen on the finaliser thread (:func:`wait_for_finalizers`); what they
+        need of the trial is taken now.
+        """
         status: TrialStatus = "stopped" if trial.trial_id in self._stopped else "completed"
+        best = self._best.get(trial.trial_id)
 
         def finish(run_id: str) -> None:
-            best = self._best.get(trial.trial_id)
             if best is not None and tracking.run_status(self.uri, run_id) == "RUNNING":
                 self._finalize(trial, run_id, best[1])
             close_trial_run(self.uri, run_id, status, only_if_running=True)
 
-        self._guarded(trial, finish)
+        _in_background(lambda: self._guarded(trial, finish))
+
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        """Tune's search ended: the last trials' runs are closed before Tune returns."""
+        wait_for_finalizers()
 
     def on_trial_error(
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
@@ -341,11 +378,47 @@ class TrialRunTracker(Callback):  # type: ignore[misc]
         logger = tracking.RunLogger(self.uri, run_id)
         if run_id not in self._logged:  # first result this session: skip epochs logged before
             self._logged[run_id] = logger.logged_steps("epoch")
+        logged = self._logged[run_id]
         epoch = int(result["epoch"])
-        if epoch in self._logged[run_id]:
+        if epoch in logged:
             return
+        if any(earlier not in logged for earlier in range(epoch)):
+            for earlier, metrics in self._missed_epochs(result, before=epoch):
+                if earlier not in logged:
+                    logger.log_metrics(metrics, step=earlier)
+                    logged.add(earlier)
         logger.log_metrics({k: result[k] for k in self.metric_names if k in result}, step=epoch)
-        self._logged[run_id].add(epoch)
+        logged.add(epoch)
+
+    def _missed_epochs(
+        self, result: Mapping[str, Any], *, before: int
+    ) -> list[tuple[int, dict[str, float]]]:
+        """Epochs before ``before`` from the history in the result's checkpoint.
+
+        Tune never passes on the reports Train checkpointed while the driver was being
+        interrupted; the resumed trial continues after them, so only its checkpoint's
+        history still holds their metrics.
+        """
+        from quakeray.checkpoint import read_history
+        from quakeray.train import checkpoint_uri, local_checkpoint
+
+        path = result.get(CHECKPOINT_KEY)
+        if not path:
+            return []
+        with local_checkpoint(checkpoint_uri(str(path), self.train_storage)) as folder:
+            history = read_history(folder)
+        return [
+            (
+                int(epoch_metrics["epoch"] or 0),
+                {  # null is a non-finite value, which MLflow does not get anyway
+                    k: float(v)
+                    for k, v in epoch_metrics.items()
+                    if k in self.metric_names and v is not None
+                },
+            )
+            for epoch_metrics in history
+            if int(epoch_metrics.get("epoch") or 0) < before
+        ]
 
     def _finalize(self, trial: Trial, run_id: str, checkpoint: str) -> None:
         from quakeray.train import finalize_run

@@ -708,6 +708,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # ---- resume: Ray's own checkpoint after a worker failure, else --resume
     state, restarted = _resume_state(config)
     start_epoch, best, best_epoch = 0, math.inf, -1
+    history: list[dict[str, float]] = []  # every epoch's metrics, kept in each checkpoint
     if state is not None:
         raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -716,6 +717,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             scaler.load_state_dict(state["scaler"])
         start_epoch = int(state["epoch"]) + 1
         best, best_epoch = float(state["best_metric"]), int(state["best_epoch"])
+        history = [dict(m) for m in state.get("history", [])]
 
     logger = (
         RunLogger(config["tracking_uri"], config["mlflow_run_id"])
@@ -812,6 +814,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         score = metrics[SCORE_METRIC]
         if math.isfinite(score) and score < best:
             best, best_epoch = score, epoch
+        history.append(metrics)
 
         # ---- checkpoint (rank 0) and report (every rank, same number of times)
         with tempfile.TemporaryDirectory() as tmp:
@@ -827,6 +830,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "best_metric": best,
                     "best_epoch": best_epoch,
                     "metrics": metrics,
+                    "history": history,
                     "config": config["config"],
                     "stats": stats_to_state(stats),
                     "img_size": img_size,
@@ -837,7 +841,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "tracking_uri": config["tracking_uri"] or "",
                     "world_size": world,
                 }
-                save_checkpoint(folder, state_out, metrics=metrics, predictions=preds)
+                save_checkpoint(
+                    folder, state_out, metrics=metrics, predictions=preds, history=history
+                )
                 checkpoint = ray.train.Checkpoint.from_directory(str(folder))
             ray.train.report(
                 metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(epoch)

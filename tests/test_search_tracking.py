@@ -10,7 +10,9 @@ checkpoint finalised is the best one reported.
 
 from __future__ import annotations
 
+import math
 import pickle
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -20,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune.search import Searcher
 
 from quakeray import tracking
+from quakeray.checkpoint import save_checkpoint
 from quakeray.config import load_config, to_dict
 from quakeray.search_space import REFERENCE_KEY, sample_of
 from quakeray.search_tracking import (
@@ -32,6 +35,7 @@ from quakeray.search_tracking import (
     TrialRunOpener,
     TrialRunTracker,
     close_trial_run,
+    wait_for_finalizers,
 )
 from quakeray.train import METRIC_NAMES, SCORE_METRIC
 
@@ -156,6 +160,30 @@ def test_tracker_logs_each_epoch_once_also_after_a_resume(mlflow_uri: str) -> No
     assert pickle.loads(pickle.dumps(again)).metric_names == METRIC_NAMES
 
 
+def test_tracker_fills_in_epochs_tune_never_passed_on_from_the_checkpoint_history(
+    mlflow_uri: str, tmp_path: Path
+) -> None:
+    opener = _opener(mlflow_uri, [{"loss.margin": 0.1}])
+    config = opener.suggest("t1")
+    assert isinstance(config, dict)
+    trial, run_id = _trial("t1", config), config[RUN_KEY]
+    _tracker(opener).on_trial_result(0, [], trial, _result(0, 2.0))
+    # Ctrl-C: Train checkpointed epochs 1 and 2, Tune passed neither on; the resumed
+    # trial continues from epoch 2's checkpoint and reports epoch 3 with its history.
+    history = [_result(epoch, mae) for epoch, mae in enumerate([2.0, 1.5, 1.2, 1.1])]
+    history[1]["val_spearman"] = math.nan  # null in JSON; non-finite values are not logged
+    folder = save_checkpoint(tmp_path / "ckpt_3", {"epoch": 3}, metrics=history[3], history=history)
+    resumed = _tracker(opener, train_storage=str(tmp_path))
+    resumed.on_trial_result(0, [], trial, _result(3, 1.1, str(folder)))
+    resumed.on_trial_result(0, [], trial, _result(4, 1.0, str(folder)))  # no gap: no reading
+    client = MlflowClient(mlflow_uri)
+    logged = client.get_metric_history(run_id, SCORE_METRIC)
+    assert [(m.step, m.value) for m in logged] == [(0, 2.0), (1, 1.5), (2, 1.2), (3, 1.1), (4, 1.0)]
+    spearman = {m.step: m.value for m in client.get_metric_history(run_id, "val_spearman")}
+    assert 1 not in spearman and spearman[2] == 0.5
+    assert set(client.get_run(run_id).data.metrics) == set(METRIC_NAMES)  # no Tune fields
+
+
 @pytest.mark.parametrize(
     ("storage", "scheme"), [("/data/search/train", ""), ("s3://bucket/search/train", "s3://")]
 )
@@ -186,6 +214,7 @@ def test_tracker_finalizes_the_best_reported_checkpoint_and_closes(
     )
     tracker.on_trial_complete(0, [], _trial("done", done))
     tracker.on_trial_complete(0, [], _trial("stopped", stopped))
+    tracker.on_experiment_end([])  # Tune's last call: the finaliser thread drains
     # The best epoch (1), in the storage's scheme; the sample shapes the finalised config
     # (3 epochs, not the base's 10).
     assert finalized == [
@@ -196,6 +225,29 @@ def test_tracker_finalizes_the_best_reported_checkpoint_and_closes(
     for config, status in ((done, "completed"), (stopped, "stopped")):
         run = client.get_run(config[RUN_KEY])
         assert (run.info.status, run.data.tags[TAG_STATUS]) == ("FINISHED", status)
+
+
+def test_tracker_finalizes_in_the_background_until_the_search_waits(
+    mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = threading.Event()
+    monkeypatch.setattr(
+        "quakeray.train.finalize_run", lambda *args: release.wait(timeout=30) or None
+    )
+    opener = _opener(mlflow_uri, [{"loss.margin": 0.1}])
+    config = opener.suggest("t1")
+    assert isinstance(config, dict)
+    trial, run_id = _trial("t1", config), config[RUN_KEY]
+    tracker = _tracker(opener)
+    tracker.on_trial_result(0, [], trial, _result(0, 2.0, "/ckpt/checkpoint_0"))
+    tracker.on_trial_complete(0, [], trial)  # returns while finalize_run still runs
+    client = MlflowClient(mlflow_uri)
+    assert client.get_run(run_id).info.status == "RUNNING"
+    assert pickle.loads(pickle.dumps(tracker)).uri == mlflow_uri  # Tune saves it meanwhile
+    release.set()
+    wait_for_finalizers()
+    run = client.get_run(run_id)
+    assert (run.info.status, run.data.tags[TAG_STATUS]) == ("FINISHED", "completed")
 
 
 def test_tracker_reopens_a_restarted_trial_and_records_a_failure(

@@ -20,7 +20,14 @@ import torch
 from conftest import free_port
 from mlflow.tracking import MlflowClient
 
-from quakeray.checkpoint import STATE_FILE, best_checkpoint, find_checkpoints, prune_checkpoints
+from quakeray.checkpoint import (
+    STATE_FILE,
+    best_checkpoint,
+    find_checkpoints,
+    prune_checkpoints,
+    read_history,
+    read_metrics,
+)
 from quakeray.config import load_config
 from quakeray.data.quakeset import QuakeSetDataset, collate
 from quakeray.errors import CheckpointError
@@ -75,6 +82,11 @@ def test_checkpoints_are_self_describing(local_run: LocalRun) -> None:
     assert state["stats"]["to_db"] is True and len(state["stats"]["mean"]) == 2
     assert state["best_metric"] == pytest.approx(summary.best_metrics["val_MAE"])
     assert (Path(summary.best_checkpoint) / "predictions_val.csv").is_file()
+    # Each holds every epoch's metrics so far (a search fills missed epochs from it).
+    for epoch, folder in enumerate(folders):
+        history = read_history(folder)
+        assert [h["epoch"] for h in history] == list(range(epoch + 1))
+        assert history[-1] == read_metrics(folder)
 
 
 def test_mlflow_run_has_params_metrics_artifacts_model(local_run: LocalRun) -> None:
@@ -114,6 +126,8 @@ def test_resume_continues_at_next_epoch_with_same_schedule(local_run: LocalRun) 
     client = MlflowClient(local_run.uri)
     steps = [m.step for m in client.get_metric_history(summary.mlflow_run_id, "epoch")]
     assert steps == [2]  # epochs 0 and 1 came from the checkpoint
+    last = find_checkpoints(summary.run_dir)[-1]
+    assert [h["epoch"] for h in read_history(last)] == [0, 1, 2]  # and so does their history
     # The one-cycle schedule goes on where it stopped: same lr as the original epoch 2.
     original = {
         m.step: m.value for m in client.get_metric_history(local_run.summary.mlflow_run_id, "lr")
