@@ -1,14 +1,18 @@
 """Search overhead: the fixed cost of a trial, and the trial-epochs ASHA saves.
 
 (a) Fixed cost per trial, in paired rounds (the machine's load drifts, so each search is
-compared with baselines measured right before it). Each round measures three things:
+compared with baselines measured right before it). Each round measures four things:
 
 1. **bare start**: a 2-worker ``TorchTrainer`` whose loop only reports once, started from
    the driver (Ray's own worker-group start and teardown);
 2. **bare Tune trial**: a sequential Tune search whose trial function builds that same bare
    trainer with Train's ``TuneReportCallback`` (Ray Tune's own per-trial work on top of 1:
    the trial actor, its report queue, the controller's Tune imports; no quakeray code);
-3. **quakeray trial**: a sequential ``quakeray.search.run_search`` of 2-worker trials on
+3. **bare Tune trial + worker imports**: 2., with each worker first importing what a
+   quakeray worker imports (timm, which pulls in torchvision and ``torch._dynamo``, and
+   our modules): what the model library costs inside a trial, where both workers import
+   at once while Ray starts its per-trial processes;
+4. **quakeray trial**: a sequential ``quakeray.search.run_search`` of 2-worker trials on
    generated data.
 
 Every trial is clocked the same way, by a Tune callback in the driver: its span (Tune
@@ -16,12 +20,12 @@ starts its actor, to Tune's completion callbacks, the driver's MLflow finalisati
 included) minus its epochs (epochs x the median interval between its results), plus the
 gap before it (from the previous trial's end: Tune's scheduling, the trial actor's
 start, the driver's suggestion, where quakeray opens the MLflow run). That fixed cost
-minus 2. is what quakeray adds (target <= 2 s); minus 1. it is what quakeray and Ray Tune
-add together. The parts are timed on their own: imports a fresh worker does beyond a
-bare one (timm and quakeray; cold, in a subprocess), opening the data (datasets +
-statistics + a first batch), the trial's model check, and the driver's MLflow work per
-trial (child run, params, config, epoch metrics, finalisation from a real checkpoint,
-close).
+minus 2. is what quakeray adds (target <= 2 s), of which 3. - 2. is the worker imports
+and 4. - 3. the rest of our code; minus 1. it is what quakeray and Ray Tune add together.
+The parts are timed on their own: imports a fresh worker does beyond a bare one (timm
+and quakeray; cold, in a subprocess), opening the data (datasets + statistics + a first
+batch), the trial's model check, and the driver's MLflow work per trial (child run,
+params, config, epoch metrics, finalisation from a real checkpoint, close).
 
 (b) ASHA. The same 6-trial search (same seed, so the same reference points and TPE
 proposals until results differ) with and without ASHA: trial-epochs run, best val_MAE,
@@ -29,7 +33,7 @@ wall time.
 
 Prints a table and writes ``benchmarks/results/search_overhead.json``.
 
-    .venv/bin/python benchmarks/search_overhead.py               # ~14 min on 2 cores
+    .venv/bin/python benchmarks/search_overhead.py               # ~17 min on 2 cores
     .venv/bin/python benchmarks/search_overhead.py --smoke-test  # ~3 min
 """
 
@@ -72,10 +76,18 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "search_overhead.json"
 
 _BASE_IMPORTS = "import ray, torch, ray.train.torch"  # a bare TorchTrainer worker has these
-_IMPORTS = (
-    "import timm; import quakeray.train, quakeray.models, quakeray.losses, quakeray.metrics, "
-    "quakeray.data.quakeset, quakeray.data.transforms"
+WORKER_MODULES = (  # what a quakeray worker imports beyond a bare one
+    "timm",
+    "quakeray.train",
+    "quakeray.models",
+    "quakeray.losses",
+    "quakeray.metrics",
+    "quakeray.optim",
+    "quakeray.tracking",
+    "quakeray.data.quakeset",
+    "quakeray.data.transforms",
 )
+_IMPORTS = "import " + ", ".join(WORKER_MODULES)
 
 
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray reads it where fit() is called
@@ -86,9 +98,18 @@ def _noop_loop(config: dict[str, Any]) -> None:
     ray.train.report({"ok": 1.0})
 
 
-def _bare_trainer(name: str, storage: str, callbacks: list[Any]) -> Any:
+def _importing_loop(config: dict[str, Any]) -> None:
+    """The bare loop after a quakeray worker's imports: the model library's cost alone."""
+    import importlib
+
+    for module in WORKER_MODULES:
+        importlib.import_module(module)
+    ray.train.report({"ok": 1.0})
+
+
+def _bare_trainer(name: str, storage: str, callbacks: list[Any], imports: bool = False) -> Any:
     return ray.train.torch.TorchTrainer(
-        _noop_loop,
+        _importing_loop if imports else _noop_loop,
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
         run_config=ray.train.RunConfig(name=name, storage_path=storage, callbacks=callbacks),
     )
@@ -152,14 +173,19 @@ def _bare_tune_trial(config: dict[str, Any]) -> None:
 
     os.environ[POLL_ENV] = str(config["poll_s"])
     name = f"bare-{tune.get_context().get_trial_id()}"
-    _bare_trainer(name, config["storage"], [TuneReportCallback()]).fit()
+    trainer = _bare_trainer(name, config["storage"], [TuneReportCallback()], config["imports"])
+    trainer.fit()
 
 
-def bare_tune_trials(storage: str, n: int, poll_s: float) -> list[dict[str, float]]:
+def bare_tune_trials(
+    storage: str, n: int, poll_s: float, *, imports: bool = False
+) -> list[dict[str, float]]:
     """Fixed costs of ``n`` sequential Tune trials, each a bare 2-worker TorchTrainer.
 
     The same Tune machinery as a quakeray search: a searcher behind a concurrency
-    limiter of 1, and 1 logical CPU per trial actor (``search.trial_cpus``).
+    limiter of 1, and 1 logical CPU per trial actor (``search.trial_cpus``). With
+    ``imports``, each worker first imports what a quakeray worker imports (timm and our
+    modules), so the difference to a quakeray trial is the rest of our code.
     """
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
@@ -168,7 +194,7 @@ def bare_tune_trials(storage: str, n: int, poll_s: float) -> list[dict[str, floa
     searcher = OptunaSearch(space={"x": optuna_uniform(0.0, 1.0)}, metric="ok", mode="max")
     tuner = tune.Tuner(
         tune.with_resources(_bare_tune_trial, {"cpu": 1.0}),
-        param_space={"storage": storage, "poll_s": poll_s},
+        param_space={"storage": storage, "poll_s": poll_s, "imports": imports},
         tune_config=tune.TuneConfig(
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=1), num_samples=n
         ),
@@ -292,6 +318,7 @@ def main() -> int:
         bare_default = bare_start(str(root / f"bare-default-{i}"), RAY_DEFAULT_POLL_S)
         bare = bare_start(str(root / f"bare-{i}"), poll)
         bare_tune = bare_tune_trials(str(root / f"bare-tune-{i}"), trials, poll)
+        import_tune = bare_tune_trials(str(root / f"import-{i}"), trials, poll, imports=True)
         cfg_a = search_cfg(
             root,
             data,
@@ -309,18 +336,23 @@ def main() -> int:
         summary_a = run_search(cfg_a, callbacks=[clock])
         ours = clock.costs()
         tune_fixed = statistics.median(c["fixed_s"] for c in bare_tune)
+        import_fixed = statistics.median(c["fixed_s"] for c in import_tune)
         our_fixed = statistics.median(c["fixed_s"] for c in ours)
         rounds.append(
             {
                 "bare_start_ray_default_poll_s": bare_default,
                 "bare_start_s": bare,
                 "bare_tune_trials": bare_tune,
+                "import_tune_trials": import_tune,
                 "quakeray_trials": ours,
                 "bare_tune_fixed_s": tune_fixed,
+                "import_tune_fixed_s": import_fixed,
                 "quakeray_fixed_s": our_fixed,
                 "poll_saving_s": bare_default - bare,
                 "added_by_ray_tune_s": tune_fixed - bare,
                 "added_by_quakeray_s": our_fixed - tune_fixed,
+                "worker_imports_in_trial_s": import_fixed - tune_fixed,
+                "added_by_quakeray_beyond_imports_s": our_fixed - import_fixed,
                 "added_over_bare_start_ray_defaults_s": our_fixed - bare_default,
             }
         )
@@ -348,12 +380,15 @@ def main() -> int:
         "median_bare_start_ray_default_poll_s": median("bare_start_ray_default_poll_s"),
         "median_bare_start_s": median("bare_start_s"),
         "median_bare_tune_fixed_s": median("bare_tune_fixed_s"),
+        "median_import_tune_fixed_s": median("import_tune_fixed_s"),
         "median_quakeray_fixed_s": median("quakeray_fixed_s"),
         "median_epoch_s": statistics.median(
             c["epoch_s"] for r in rounds for c in r["quakeray_trials"]
         ),
         "breakdown_parts": parts,
         "added_by_quakeray_median_s": median("added_by_quakeray_s"),
+        "worker_imports_in_trial_median_s": median("worker_imports_in_trial_s"),
+        "added_by_quakeray_beyond_imports_median_s": median("added_by_quakeray_beyond_imports_s"),
         "added_by_ray_tune_median_s": median("added_by_ray_tune_s"),
         "poll_saving_median_s": median("poll_saving_s"),
         "added_over_bare_start_ray_defaults_median_s": median(
@@ -405,7 +440,11 @@ def main() -> int:
             f"  round {i}: bare start {r['bare_start_s']:5.1f} "
             f"({r['bare_start_ray_default_poll_s']:.1f} at Ray's default poll of 2 s)"
         )
-        kinds = (("bare Tune trial", "bare_tune_trials"), ("quakeray trial", "quakeray_trials"))
+        kinds = (
+            ("bare Tune trial", "bare_tune_trials"),
+            ("+ worker imports", "import_tune_trials"),
+            ("quakeray trial", "quakeray_trials"),
+        )
         for label, key in kinds:
             for c in r[key]:
                 print(
@@ -413,12 +452,16 @@ def main() -> int:
                     f"{c['epoch_s']:.2f} + gap {c['gap_before_s']:4.1f} = fixed {c['fixed_s']:5.1f}"
                 )
         print(
-            f"    added by quakeray {r['added_by_quakeray_s']:+5.1f} | by Ray Tune "
+            f"    added by quakeray {r['added_by_quakeray_s']:+5.1f} (worker imports "
+            f"{r['worker_imports_in_trial_s']:+.1f}, the rest "
+            f"{r['added_by_quakeray_beyond_imports_s']:+.1f}) | by Ray Tune "
             f"{r['added_by_ray_tune_s']:+5.1f} | quakeray trial vs bare start at Ray's "
             f"defaults {r['added_over_bare_start_ray_defaults_s']:+5.1f}"
         )
     print(
-        f"  medians: added by quakeray {a['added_by_quakeray_median_s']:+.1f} (target <= 2.0), "
+        f"  medians: added by quakeray {a['added_by_quakeray_median_s']:+.1f} (target <= 2.0; "
+        f"worker imports {a['worker_imports_in_trial_median_s']:+.1f}, the rest "
+        f"{a['added_by_quakeray_beyond_imports_median_s']:+.1f}), "
         f"by Ray Tune {a['added_by_ray_tune_median_s']:+.1f}; poll interval saves "
         f"{a['poll_saving_median_s']:.1f}; quakeray trial vs bare start at Ray's defaults "
         f"{a['added_over_bare_start_ray_defaults_median_s']:+.1f}"
