@@ -207,9 +207,12 @@ def read_metrics(directory: str | Path) -> dict[str, float | None]:
 def read_history(directory: str | Path) -> list[dict[str, float | None]]:
     """The ``history.json`` of a checkpoint folder, oldest epoch first ([] if absent)."""
     file = Path(directory) / HISTORY_FILE
-    if not file.is_file():
-        return []
-    loaded: list[dict[str, float | None]] = json.loads(file.read_text())
+    return parse_history(file.read_text()) if file.is_file() else []
+
+
+def parse_history(text: str) -> list[dict[str, float | None]]:
+    """A ``history.json`` text: one metrics dict per epoch (NaN stored as None)."""
+    loaded: list[dict[str, float | None]] = json.loads(text)
     return loaded
 
 

@@ -73,6 +73,8 @@ from quakeray.search_tracking import (
     TrialRunTracker,
     child_runs,
     close_trial_run,
+    finish_orphaned_runs,
+    pending_runs,
     wait_for_finalizers,
 )
 
@@ -681,8 +683,10 @@ def _restore_sigint(handler: Any) -> None:
 
 
 def _close_open_children(uri: str, experiment_id: str, parent: str) -> None:
+    """Close the runs still RUNNING as ``cancelled``, but for those being finalised."""
+    finalising = pending_runs()  # a second Ctrl-C cut the wait for them short
     for run in child_runs(uri, experiment_id, parent):
-        if run.info.status == "RUNNING":
+        if run.info.status == "RUNNING" and run.info.run_id not in finalising:
             close_trial_run(uri, run.info.run_id, "cancelled")
 
 
@@ -702,6 +706,14 @@ def _finish(
     from quakeray.tracking import RunLogger
 
     s = cfg.search
+    finish_orphaned_runs(
+        uri,
+        experiment_id,
+        parent,
+        results,
+        base=to_dict(cfg),
+        train_storage=fsx.join(search_dir, TRAIN_SUBDIR),
+    )
     _close_open_children(uri, experiment_id, parent)  # nobody stays RUNNING, whatever happened
     shown = [*s.space, *(k for p in reference_points(cfg) for k in p.values)]
     base_values = {k: get_dotted(cfg, k) for k in shown}

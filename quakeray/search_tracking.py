@@ -16,7 +16,9 @@ trial's critical path, and gives the tracking store a single writer per search:
   (:func:`quakeray.train.finalize_run`), then end ``completed`` or ``stopped``; failed
   trials end ``failed`` with their error. The finalisation runs in a background thread
   (seconds with model logging), so Tune's loop starts the next trial meanwhile;
-  :func:`wait_for_finalizers` waits for it before anything reads or closes runs;
+  :func:`wait_for_finalizers` waits for it before anything reads or closes runs, and
+  :func:`finish_orphaned_runs` finishes, at the search's end, the runs of trials Tune
+  saved as ended before a killed driver's finaliser closed them;
 - trials cut off with the driver (Ctrl-C, an error in Tune) are closed ``cancelled`` by the
   driver once ``Tuner.fit`` returns or raises (Tune marks them TERMINATED on its way out,
   so a callback cannot tell them apart). After a killed driver their runs stay RUNNING
@@ -68,24 +70,73 @@ RUN_KEY = "_mlflow_run_id"
 # instance (a fresh one, or Tune's restored copy on --resume) handed the work over.
 _finalizer: ThreadPoolExecutor | None = None
 _finalizer_lock = threading.Lock()
+_pending_runs: set[str] = set()  # run ids handed to the finaliser, not yet closed
 
 
-def _in_background(work: Callable[[], None]) -> None:
-    """Run ``work`` on the finaliser thread (started on first use)."""
+def _in_background(run_id: str | None, work: Callable[[], None]) -> None:
+    """Run ``work`` (which closes ``run_id``) on the finaliser thread (started on first use)."""
     global _finalizer
+
+    def tracked() -> None:
+        try:
+            work()
+        finally:
+            with _finalizer_lock:
+                _pending_runs.discard(run_id or "")
+
     with _finalizer_lock:
         if _finalizer is None:
             _finalizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quakeray-final")
-        _finalizer.submit(work)
+        if run_id:
+            _pending_runs.add(run_id)
+        _finalizer.submit(tracked)
 
 
 def wait_for_finalizers() -> None:
-    """Block until every trial run handed to the background is finalised and closed."""
+    """Block until every trial run handed to the background is finalised and closed.
+
+    Interrupted (a second Ctrl-C), it leaves the finaliser in place: the runs it still
+    holds are :func:`pending_runs`, which the search must not close as cancelled.
+    """
     global _finalizer
     with _finalizer_lock:
-        executor, _finalizer = _finalizer, None
-    if executor is not None:
-        executor.shutdown(wait=True)
+        executor = _finalizer
+    if executor is None:
+        return
+    executor.shutdown(wait=True)
+    with _finalizer_lock:
+        if _finalizer is executor:
+            _finalizer = None
+
+
+def pending_runs() -> frozenset[str]:
+    """Ids of the runs the finaliser thread has yet to close."""
+    with _finalizer_lock:
+        return frozenset(_pending_runs)
+
+
+def finish_trial_run(
+    uri: str,
+    run_id: str,
+    *,
+    base: Mapping[str, Any],
+    config: Mapping[str, Any],
+    checkpoint: str | None,
+    status: TrialStatus,
+    trial_id: str,
+) -> None:
+    """Finalise a still-RUNNING trial run from its best ``checkpoint``, then close it."""
+    if checkpoint is not None and tracking.run_status(uri, run_id) == "RUNNING":
+        from quakeray.train import finalize_run
+
+        try:
+            finalize_run(uri, run_id, trial_config(base, config), checkpoint)
+        except Exception as exc:  # the run keeps its metrics; say what is missing
+            log.warning("trial %s: could not log its best checkpoint", trial_id)
+            tracking.RunLogger(uri, run_id).set_tags(
+                {TAG_ERROR: f"finalize: {type(exc).__name__}: {exc}"}
+            )
+    close_trial_run(uri, run_id, status, only_if_running=True)
 
 
 CHECKPOINT_KEY = "checkpoint_path"
@@ -275,6 +326,7 @@ class TrialRunTracker(Callback):  # type: ignore[misc]
         self._stopped: set[str] = set()
         self._logged: dict[str, set[int]] = {}  # run id -> epochs in MLflow
         self._best: dict[str, tuple[float, str]] = {}  # trial id -> (score, checkpoint)
+        self._filled: set[str] = set()  # run ids whose missed epochs were looked up
 
     def on_trial_start(
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
@@ -318,13 +370,20 @@ class TrialRunTracker(Callback):  # type: ignore[misc]
         """
         status: TrialStatus = "stopped" if trial.trial_id in self._stopped else "completed"
         best = self._best.get(trial.trial_id)
+        config = dict(getattr(trial, "config", None) or {})
 
         def finish(run_id: str) -> None:
-            if best is not None and tracking.run_status(self.uri, run_id) == "RUNNING":
-                self._finalize(trial, run_id, best[1])
-            close_trial_run(self.uri, run_id, status, only_if_running=True)
+            finish_trial_run(
+                self.uri,
+                run_id,
+                base=self.base,
+                config=config,
+                checkpoint=best[1] if best else None,
+                status=status,
+                trial_id=trial.trial_id,
+            )
 
-        _in_background(lambda: self._guarded(trial, finish))
+        _in_background(config.get(RUN_KEY), lambda: self._guarded(trial, finish))
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         """Tune's search ended: the last trials' runs are closed before Tune returns."""
@@ -382,8 +441,15 @@ class TrialRunTracker(Callback):  # type: ignore[misc]
         epoch = int(result["epoch"])
         if epoch in logged:
             return
-        if any(earlier not in logged for earlier in range(epoch)):
-            for earlier, metrics in self._missed_epochs(result, before=epoch):
+        filled = self.__dict__.setdefault("_filled", set())  # absent in older pickles
+        if run_id not in filled and any(e not in logged for e in range(epoch)):
+            filled.add(run_id)  # one try per run and driver: a gap may be unfillable
+            try:
+                missed = self._missed_epochs(result, before=epoch)
+            except Exception:  # pruned, unreadable: the current epoch still gets logged
+                log.warning("trial run %s: epochs before %d are missing", run_id, epoch)
+                missed = []
+            for earlier, metrics in missed:
                 if earlier not in logged:
                     logger.log_metrics(metrics, step=earlier)
                     logged.add(earlier)
@@ -399,14 +465,16 @@ class TrialRunTracker(Callback):  # type: ignore[misc]
         interrupted; the resumed trial continues after them, so only its checkpoint's
         history still holds their metrics.
         """
-        from quakeray.checkpoint import read_history
-        from quakeray.train import checkpoint_uri, local_checkpoint
+        from quakeray import storage
+        from quakeray.checkpoint import HISTORY_FILE, parse_history
+        from quakeray.train import checkpoint_uri
 
         path = result.get(CHECKPOINT_KEY)
         if not path:
             return []
-        with local_checkpoint(checkpoint_uri(str(path), self.train_storage)) as folder:
-            history = read_history(folder)
+        file = storage.join(checkpoint_uri(str(path), self.train_storage), HISTORY_FILE)
+        # Only this small file, also from s3:// (a checkpoint holds the model's state).
+        history = parse_history(storage.read_text(file)) if storage.is_file(file) else []
         return [
             (
                 int(epoch_metrics["epoch"] or 0),
@@ -420,17 +488,75 @@ class TrialRunTracker(Callback):  # type: ignore[misc]
             if int(epoch_metrics.get("epoch") or 0) < before
         ]
 
-    def _finalize(self, trial: Trial, run_id: str, checkpoint: str) -> None:
-        from quakeray.train import finalize_run
 
-        cfg = trial_config(self.base, getattr(trial, "config", None) or {})
+def finish_orphaned_runs(
+    uri: str,
+    experiment_id: str,
+    parent_run_id: str,
+    results: Any,
+    *,
+    base: Mapping[str, Any],
+    train_storage: str,
+) -> int:
+    """Finalise and close the runs of trials Tune ended but no finaliser closed.
+
+    Tune saves a trial as ended while the finaliser thread may still hold its run; a
+    driver killed then leaves the run RUNNING, and ``--resume`` does not rerun the trial.
+    Its best reported checkpoint comes from Tune's record of its results.
+
+    Args:
+        uri: The tracking URI.
+        experiment_id: The search's experiment.
+        parent_run_id: The search's parent run.
+        results: Tune's results (``ResultGrid``): ``config``, ``error``,
+            ``metrics_dataframe``.
+        base: The search's resolved config (``to_dict``).
+        train_storage: Where the trials' Train runs are (gives checkpoints their scheme).
+
+    Returns:
+        How many runs were finished here.
+    """
+    import pandas as pd
+
+    from quakeray.train import SCORE_METRIC, checkpoint_uri
+
+    ended = {
+        str(r.config[RUN_KEY]): r
+        for r in (results[i] for i in range(len(results)))  # a ResultGrid is indexed only
+        if r.error is None and (getattr(r, "config", None) or {}).get(RUN_KEY)
+    }
+    pending, finished = pending_runs(), 0
+    for run in child_runs(uri, experiment_id, parent_run_id):
+        result = ended.get(run.info.run_id)
+        if run.info.status != "RUNNING" or result is None or run.info.run_id in pending:
+            continue
+        frame = result.metrics_dataframe
+        frame = frame if isinstance(frame, pd.DataFrame) else pd.DataFrame()
+        checkpoint, epochs = None, 0
+        if "epoch" in frame and frame["epoch"].notna().any():
+            epochs = int(frame["epoch"].max()) + 1
+        if {SCORE_METRIC, CHECKPOINT_KEY} <= set(frame.columns):
+            scored = frame.dropna(subset=[SCORE_METRIC, CHECKPOINT_KEY])
+            if len(scored):
+                best = scored.loc[scored[SCORE_METRIC].idxmin(), CHECKPOINT_KEY]
+                checkpoint = checkpoint_uri(str(best), train_storage)
+        trial_id = run.data.tags.get(TAG_TRIAL, "?")
         try:
-            finalize_run(self.uri, run_id, cfg, checkpoint)
-        except Exception as exc:  # the run keeps its metrics; say what is missing
-            log.warning("trial %s: could not log its best checkpoint", trial.trial_id)
-            tracking.RunLogger(self.uri, run_id).set_tags(
-                {TAG_ERROR: f"finalize: {type(exc).__name__}: {exc}"}
+            planned = trial_config(base, result.config).optim.epochs
+            finish_trial_run(
+                uri,
+                run.info.run_id,
+                base=base,
+                config=result.config,
+                checkpoint=checkpoint,
+                status="stopped" if epochs < planned else "completed",
+                trial_id=trial_id,
             )
+        except Exception:  # the search closes it as cancelled instead
+            log.warning("could not finish the run of trial %s", trial_id, exc_info=True)
+            continue
+        finished += 1
+    return finished
 
 
 def _trial_error(trial: Trial) -> str:

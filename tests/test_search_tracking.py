@@ -35,6 +35,7 @@ from quakeray.search_tracking import (
     TrialRunOpener,
     TrialRunTracker,
     close_trial_run,
+    finish_orphaned_runs,
     wait_for_finalizers,
 )
 from quakeray.train import METRIC_NAMES, SCORE_METRIC
@@ -57,6 +58,13 @@ class Scripted(Searcher):  # type: ignore[misc]
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
     ) -> None:
         self.completed.append(trial_id)
+
+
+@pytest.fixture(autouse=True)
+def _drained() -> Any:
+    """No test leaves work on the finaliser thread for the next one."""
+    yield
+    wait_for_finalizers()
 
 
 def _parent(uri: str) -> tuple[str, str]:
@@ -161,7 +169,7 @@ def test_tracker_logs_each_epoch_once_also_after_a_resume(mlflow_uri: str) -> No
 
 
 def test_tracker_fills_in_epochs_tune_never_passed_on_from_the_checkpoint_history(
-    mlflow_uri: str, tmp_path: Path
+    mlflow_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     opener = _opener(mlflow_uri, [{"loss.margin": 0.1}])
     config = opener.suggest("t1")
@@ -174,14 +182,79 @@ def test_tracker_fills_in_epochs_tune_never_passed_on_from_the_checkpoint_histor
     history[1]["val_spearman"] = math.nan  # null in JSON; non-finite values are not logged
     folder = save_checkpoint(tmp_path / "ckpt_3", {"epoch": 3}, metrics=history[3], history=history)
     resumed = _tracker(opener, train_storage=str(tmp_path))
+    reads: list[str] = []
+    monkeypatch.setattr(
+        "quakeray.storage.read_text", lambda path: reads.append(path) or Path(path).read_text()
+    )
     resumed.on_trial_result(0, [], trial, _result(3, 1.1, str(folder)))
     resumed.on_trial_result(0, [], trial, _result(4, 1.0, str(folder)))  # no gap: no reading
+    assert reads == [str(folder / "history.json")]  # that file only, once
     client = MlflowClient(mlflow_uri)
     logged = client.get_metric_history(run_id, SCORE_METRIC)
     assert [(m.step, m.value) for m in logged] == [(0, 2.0), (1, 1.5), (2, 1.2), (3, 1.1), (4, 1.0)]
     spearman = {m.step: m.value for m in client.get_metric_history(run_id, "val_spearman")}
     assert 1 not in spearman and spearman[2] == 0.5
     assert set(client.get_run(run_id).data.metrics) == set(METRIC_NAMES)  # no Tune fields
+
+
+def test_an_unfillable_gap_is_looked_up_once_and_the_epoch_still_logged(
+    mlflow_uri: str, tmp_path: Path
+) -> None:
+    opener = _opener(mlflow_uri, [{"loss.margin": 0.1}])
+    config = opener.suggest("t1")
+    assert isinstance(config, dict)
+    trial, run_id = _trial("t1", config), config[RUN_KEY]
+    tracker = _tracker(opener, train_storage=str(tmp_path))
+    pruned = str(tmp_path / "gone")  # Train pruned it, or it predates history.json
+    tracker.on_trial_result(0, [], trial, _result(2, 1.2, pruned))
+    tracker.on_trial_result(0, [], trial, _result(3, 1.1, pruned))
+    logged = MlflowClient(mlflow_uri).get_metric_history(run_id, SCORE_METRIC)
+    assert [m.step for m in logged] == [2, 3]
+    assert tracker._filled == {run_id}
+
+
+def test_runs_of_ended_trials_left_running_are_finished_from_tunes_record(
+    mlflow_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pandas as pd
+
+    finalized: list[tuple[str, str]] = []
+    monkeypatch.setattr(
+        "quakeray.train.finalize_run",
+        lambda uri, run_id, cfg, ckpt: finalized.append((run_id, ckpt)),
+    )
+    suggestions = [{"optim.epochs": 3}, {"optim.epochs": 3}, {"optim.epochs": 3}]
+    opener = _opener(mlflow_uri, suggestions)
+    done, short, failed = (opener.suggest(t) for t in ("done", "short", "failed"))
+    assert isinstance(done, dict) and isinstance(short, dict) and isinstance(failed, dict)
+
+    def result(config: dict[str, Any], maes: list[float], error: Any = None) -> Any:
+        rows = [
+            _result(e, mae, f"/st/train/{config[RUN_KEY]}/ckpt_{e}") for e, mae in enumerate(maes)
+        ]
+        return SimpleNamespace(config=config, error=error, metrics_dataframe=pd.DataFrame(rows))
+
+    # Tune's record: two trials ended (one before its last epoch), one failed.
+    grid = [result(done, [2.0, 1.2, 1.4]), result(short, [2.5]), result(failed, [], "boom")]
+    n = finish_orphaned_runs(
+        mlflow_uri,
+        opener.experiment_id,
+        opener.parent_run_id,
+        grid,
+        base=BASE,
+        train_storage="/st/train",
+    )
+    assert n == 2
+    assert finalized == [
+        (done[RUN_KEY], f"/st/train/{done[RUN_KEY]}/ckpt_1"),
+        (short[RUN_KEY], f"/st/train/{short[RUN_KEY]}/ckpt_0"),
+    ]
+    client = MlflowClient(mlflow_uri)
+    statuses = {
+        key: client.get_run(config[RUN_KEY]).data.tags[TAG_STATUS]
+        for key, config in (("done", done), ("short", short), ("failed", failed))
+    }
+    assert statuses == {"done": "completed", "short": "stopped", "failed": "running"}
 
 
 @pytest.mark.parametrize(
