@@ -105,16 +105,15 @@ def check_tracking(uri: str) -> None:
                 "check the server or set tracking.uri / MLFLOW_TRACKING_URI"
             )
         return
-    if scheme == "sqlite":
-        db = uri[len("sqlite:///") :]
-        if db and db != ":memory:":
-            try:
-                Path(db).parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise TrackingError(
-                    f"cannot create the folder of the MLflow store {uri}: {exc.strerror}; "
-                    "set tracking.uri to a writable sqlite path"
-                ) from None
+    db = _sqlite_file(uri)
+    if db is not None:
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrackingError(
+                f"cannot create the folder of the MLflow store {uri}: {exc.strerror}; "
+                "set tracking.uri to a writable sqlite path"
+            ) from None
     file_store = scheme == "file" or (not scheme and "://" not in uri)
     if file_store and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
         raise TrackingError(
@@ -143,10 +142,18 @@ def check_existing_store(uri: str, hint: str) -> None:
     Raises:
         TrackingError: The sqlite file does not exist, or the store cannot be used.
     """
-    db = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else ""
-    if db and db != ":memory:" and not Path(db).is_file():
+    db = _sqlite_file(uri)
+    if db is not None and not db.is_file():
         raise TrackingError(f"no MLflow store at {uri}; {hint}")
     check_tracking(uri)
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI; None for other stores and in-memory."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = uri[len("sqlite:///") :]
+    return Path(db) if db and db != ":memory:" else None
 
 
 def get_or_create_experiment(uri: str, name: str) -> str:
