@@ -475,18 +475,17 @@ class TrialRunTracker(Callback):  # type: ignore[misc]
         file = storage.join(checkpoint_uri(str(path), self.train_storage), HISTORY_FILE)
         # Only this small file, also from s3:// (a checkpoint holds the model's state).
         history = parse_history(storage.read_text(file)) if storage.is_file(file) else []
-        return [
-            (
-                int(epoch_metrics["epoch"] or 0),
-                {  # null is a non-finite value, which MLflow does not get anyway
+        missed = []
+        for epoch_metrics in history:
+            epoch = int(epoch_metrics.get("epoch") or 0)
+            if epoch < before:  # null is a non-finite value, which MLflow does not get anyway
+                kept = {
                     k: float(v)
                     for k, v in epoch_metrics.items()
                     if k in self.metric_names and v is not None
-                },
-            )
-            for epoch_metrics in history
-            if int(epoch_metrics.get("epoch") or 0) < before
-        ]
+                }
+                missed.append((epoch, kept))
+        return missed
 
 
 def finish_orphaned_runs(
