@@ -68,9 +68,9 @@ from ray import tune
 from ray.tune import Callback
 
 from quakeray.config import ExperimentConfig, load_config
+from quakeray.metrics import EPOCH_METRICS
 from quakeray.search import SearchSummary, run_search
-from quakeray.search_tracking import close_trial_run, open_trial_run
-from quakeray.train import METRIC_NAMES
+from quakeray.search.runs import close_trial_run, open_trial_run
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "search_overhead.json"
@@ -230,7 +230,8 @@ def data_open_seconds(cfg: ExperimentConfig, data_path: str, stats_path: str | N
 
 
 def check_model_seconds(cfg: ExperimentConfig, data_path: str, stats_path: str | None) -> float:
-    from quakeray.train import PreparedData, check_model
+    from quakeray.data.prepare import PreparedData
+    from quakeray.preflight import check_model
 
     t0 = time.perf_counter()
     check_model(cfg, PreparedData(data_path, stats_path))
@@ -240,7 +241,7 @@ def check_model_seconds(cfg: ExperimentConfig, data_path: str, stats_path: str |
 def mlflow_seconds(summary: SearchSummary, cfg: ExperimentConfig, epochs: int) -> float:
     """The driver's MLflow work for one trial, replayed on the same store."""
     from quakeray.tracking import RunLogger, log_config
-    from quakeray.train import finalize_run
+    from quakeray.tracking.outputs import finalize_run
 
     ckpt = summary.best_checkpoint
     assert ckpt, "the search left no checkpoint"
@@ -254,7 +255,7 @@ def mlflow_seconds(summary: SearchSummary, cfg: ExperimentConfig, epochs: int) -
     log_config(uri, run_id, cfg)
     logger.logged_steps("epoch")
     for epoch in range(epochs):
-        logger.log_metrics({name: 1.0 for name in METRIC_NAMES} | {"epoch": epoch}, step=epoch)
+        logger.log_metrics({name: 1.0 for name in EPOCH_METRICS} | {"epoch": epoch}, step=epoch)
     finalize_run(uri, run_id, cfg, ckpt)
     close_trial_run(uri, run_id, "completed")
     seconds = time.perf_counter() - t0
@@ -298,8 +299,8 @@ def main() -> int:
     parser.add_argument("--smoke-test", action="store_true", help="fewer trials and epochs")
     args = parser.parse_args()
     smoke = args.smoke_test
+    from quakeray.data.prepare import prepare_data
     from quakeray.data.synthetic import write_synthetic
-    from quakeray.train import prepare_data
 
     root = Path(tempfile.mkdtemp(prefix="qr-search-bench-"))
     data = str(write_synthetic(root / "q.h5", events=12 if smoke else 48, size=32, seed=0))

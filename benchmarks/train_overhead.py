@@ -36,13 +36,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from quakeray.config import ExperimentConfig, load_config, replace
+from quakeray.data.prepare import PreparedData, prepare_data
 from quakeray.data.quakeset import QuakeSetDataset, collate
 from quakeray.data.synthetic import write_synthetic
 from quakeray.data.transforms import build_transform
 from quakeray.losses import build_loss
 from quakeray.models import build_model
 from quakeray.optim import build_optimizer
-from quakeray.train import PreparedData, build_trainer, prepare_data
+from quakeray.train import build_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "train_overhead.json"

@@ -26,16 +26,46 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from quakeray.config import ExperimentConfig, from_dict
+from quakeray.config import ExperimentConfig, from_dict, to_dict
 from quakeray.errors import CheckpointError, ConfigError
+from quakeray.metrics import SCORE_METRIC
+
+if TYPE_CHECKING:
+    import torch
+
+    from quakeray.data.transforms import ChannelStats
+
+__all__ = [
+    "HISTORY_FILE",
+    "METRICS_FILE",
+    "PREDICTIONS_FILE",
+    "PREDICTION_COLUMNS",
+    "STATE_FILE",
+    "Predictions",
+    "best_checkpoint",
+    "build_state",
+    "check_compatible",
+    "checkpoint_config",
+    "checkpoint_dir_name",
+    "checkpoint_stats",
+    "find_checkpoints",
+    "load_checkpoint",
+    "parse_history",
+    "prune_checkpoints",
+    "read_history",
+    "read_metrics",
+    "read_predictions",
+    "resolve_state_file",
+    "save_checkpoint",
+    "write_predictions",
+]
 
 STATE_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.json"
 PREDICTIONS_FILE = "predictions_val.csv"
-FORMAT_VERSION = 1
 PREDICTION_COLUMNS = ("index", "event_id", "patch", "label", "magnitude", "prediction")
 
 
@@ -70,6 +100,75 @@ class Predictions:
         )
 
 
+def build_state(
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    epoch: int,
+    best_metric: float,
+    best_epoch: int,
+    history: Sequence[Mapping[str, float]],
+    config: ExperimentConfig,
+    stats: ChannelStats | None,
+    img_size: int,
+    native_size: int,
+    data_path: str,
+    mlflow_run_id: str,
+    tracking_uri: str,
+    world_size: int,
+) -> dict[str, Any]:
+    """The contents of ``checkpoint.pt``: everything a resume, an evaluation or a model needs.
+
+    Args:
+        model: The unwrapped model (not its DDP wrapper).
+        optimizer: Its optimiser.
+        scheduler: Its learning-rate schedule.
+        scaler: The fp16 grad scaler (its state is kept only when enabled).
+        epoch: The epoch just finished (0-based).
+        best_metric: The best :data:`~quakeray.metrics.SCORE_METRIC` so far.
+        best_epoch: The epoch that reached it (-1 before any).
+        history: The metrics of every epoch so far; the last one is this epoch's.
+        config: The resolved config of the run.
+        stats: The normalisation statistics the transform used (None: none).
+        img_size: The model's input side.
+        native_size: The data's patch side.
+        data_path: The data file trained on.
+        mlflow_run_id: The run the training belongs to ("" for none).
+        tracking_uri: The store of that run.
+        world_size: Data-parallel workers that trained it.
+    """
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+        "epoch": epoch,
+        "best_metric": best_metric,
+        "best_epoch": best_epoch,
+        "metrics": dict(history[-1]),
+        "history": [dict(m) for m in history],
+        "config": to_dict(config),
+        "stats": stats.to_dict() if stats is not None else None,
+        "img_size": img_size,
+        "native_size": native_size,
+        "resize_to": img_size if img_size != native_size else 0,
+        "data_path": data_path,
+        "mlflow_run_id": mlflow_run_id,
+        "tracking_uri": tracking_uri,
+        "world_size": world_size,
+    }
+
+
+def checkpoint_stats(state: Mapping[str, Any]) -> ChannelStats | None:
+    """The normalisation statistics saved in a checkpoint (None when not normalising)."""
+    from quakeray.data.transforms import ChannelStats
+
+    saved = state.get("stats")
+    return ChannelStats(**saved) if saved else None
+
+
 def save_checkpoint(
     directory: str | Path,
     state: Mapping[str, Any],
@@ -97,9 +196,8 @@ def save_checkpoint(
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {**state, "format_version": FORMAT_VERSION}
     tmp = out / (STATE_FILE + ".tmp")
-    torch.save(payload, tmp)
+    torch.save(dict(state), tmp)
     os.replace(tmp, out / STATE_FILE)
     (out / METRICS_FILE).write_text(json.dumps(_json_safe(metrics), indent=1, sort_keys=True))
     if predictions is not None:
@@ -224,7 +322,9 @@ def find_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(p.parent for p in root.glob(f"*/{STATE_FILE}"))
 
 
-def best_checkpoint(run_dir: str | Path, metric: str = "val_MAE", mode: str = "min") -> Path | None:
+def best_checkpoint(
+    run_dir: str | Path, metric: str = SCORE_METRIC, mode: str = "min"
+) -> Path | None:
     """The checkpoint folder under ``run_dir`` with the best ``metric`` (NaN never wins)."""
     scored = []
     for folder in find_checkpoints(run_dir):
@@ -234,7 +334,7 @@ def best_checkpoint(run_dir: str | Path, metric: str = "val_MAE", mode: str = "m
     return min(scored)[2] if scored else None
 
 
-def prune_checkpoints(run_dir: str | Path, keep: int, metric: str = "val_MAE") -> None:
+def prune_checkpoints(run_dir: str | Path, keep: int, metric: str = SCORE_METRIC) -> None:
     """Delete all but the ``keep`` best checkpoints by ``metric`` (and always the latest)."""
     folders = find_checkpoints(run_dir)
     if len(folders) <= keep:

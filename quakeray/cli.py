@@ -18,6 +18,8 @@ from pathlib import Path
 from quakeray import __version__
 from quakeray.errors import EXIT_USAGE, QuakerayError
 
+__all__ = ["Handler", "build_parser", "main"]
+
 Handler = Callable[[argparse.Namespace], int]
 
 

@@ -26,6 +26,36 @@ from pydantic import TypeAdapter, ValidationError
 
 from quakeray.errors import ConfigError
 
+__all__ = [
+    "SMOKE_TEST_OVERRIDES",
+    "DataConfig",
+    "ExperimentConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "Pairing",
+    "Precision",
+    "RunConfig",
+    "ScalingConfig",
+    "SearchConfig",
+    "SpaceKind",
+    "SpaceParam",
+    "TrackingConfig",
+    "describe_param",
+    "dump_config",
+    "field_paths",
+    "field_type",
+    "flatten",
+    "from_dict",
+    "get_dotted",
+    "load_config",
+    "replace",
+    "to_dict",
+    "validate_config",
+    "validate_space",
+    "with_overrides",
+]
+
 Pairing = Literal["halves", "all", "global"]
 """How the ranking term pairs samples: the paper's ``halves`` (i with i + B/2, ties count
 as +1), ``all`` (every i < j pair in the local batch, ties excluded) or ``global`` (every
@@ -308,6 +338,18 @@ def get_dotted(cfg: ExperimentConfig, name: str) -> Any:
     for part in name.split("."):
         node = getattr(node, part)
     return node
+
+
+def field_type(name: str) -> Any:
+    """The declared type of a dotted config field (``optim.epochs`` -> int); None if no field."""
+    cls: Any = ExperimentConfig
+    for part in name.split("."):
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+            return None
+        if part not in {f.name for f in dataclasses.fields(cls)}:
+            return None
+        cls = _type_hints(cls)[part]
+    return cls
 
 
 def dump_config(cfg: ExperimentConfig, path: str | Path) -> Path:

@@ -6,6 +6,19 @@ and what to do. The CLI prints that line and exits with :data:`EXIT_USAGE`; ``--
 shows the traceback.
 """
 
+__all__ = [
+    "EXIT_USAGE",
+    "CheckpointError",
+    "ClusterError",
+    "ConfigError",
+    "DataError",
+    "DownloadError",
+    "ModelError",
+    "QuakerayError",
+    "SearchError",
+    "TrackingError",
+]
+
 EXIT_USAGE = 2
 """Exit code for errors caused by the input (bad config, file, argument)."""
 

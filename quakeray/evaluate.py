@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint on a split, in one process, with exact metrics.
+"""A checkpoint on a split: exact metrics in one process, printed and logged to its run.
 
 ``quakeray evaluate TARGET --split test`` where TARGET is a checkpoint folder, a run's
 storage folder (its best checkpoint is used) or an MLflow run id (its best checkpoint is
@@ -6,37 +6,26 @@ found through the ``quakeray.best_checkpoint`` tag that training sets). Results 
 printed (metrics and a per-magnitude-bin table) and logged to the checkpoint's MLflow run:
 ``test_*`` metrics, the predictions CSV and the two figures.
 
-The model and transform are rebuilt from the checkpoint alone (its config, weights and
-normalisation statistics), so evaluation needs no config file. The prediction loop here
-is shared with training's validation.
+The model and transform are rebuilt from the checkpoint alone
+(:func:`quakeray.inference.load_model`), so evaluation needs no config file.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from quakeray.checkpoint import (
-    Predictions,
-    best_checkpoint,
-    checkpoint_config,
-    load_checkpoint,
-    write_predictions,
-)
-from quakeray.config import ExperimentConfig, replace
+from quakeray.checkpoint import STATE_FILE, Predictions, best_checkpoint
 from quakeray.errors import CheckpointError, DataError, TrackingError
+from quakeray.tracking import tags
+
+__all__ = ["SPLIT_NAMES", "EvalResult", "evaluate_checkpoint", "evaluate_target"]
 
 log = logging.getLogger(__name__)
-
-BEST_CHECKPOINT_TAG = "quakeray.best_checkpoint"
-"""MLflow run tag holding the absolute path of the run's best checkpoint folder."""
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -51,9 +40,9 @@ class EvalResult:
     metrics: dict[str, float]  # prefixed: test_MAE, test_RMSE, ...
     bins: list[dict[str, float]]
     predictions: Predictions
-    run_id: str | None = None
+    run_id: str | None = None  # the checkpoint's MLflow run
+    tracking_uri: str = ""  # the store of that run
     logged: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def format(self) -> str:
         """Human summary: metrics then the per-bin table."""
@@ -71,126 +60,6 @@ class EvalResult:
             state = "logged to" if self.logged else "not logged to"
             lines.append(f"{state} MLflow run {self.run_id}")
         return "\n".join(lines)
-
-
-class InferenceModel(torch.nn.Module):
-    """Batch transform (eval mode: no flips) then regressor: raw images in, magnitudes out.
-
-    This is the module logged to MLflow, so a served model takes raw linear backscatter
-    ``(B, 4, H, W)`` (NaN allowed) and the normalisation travels with the weights.
-    """
-
-    def __init__(self, transform: torch.nn.Module, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.transform = transform
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Magnitudes ``(B,)`` for raw images ``(B, 4, H, W)``."""
-        out: torch.Tensor = self.model(self.transform(x))
-        return out
-
-
-@dataclass
-class LoadedModel:
-    """A model and its input transform rebuilt from a checkpoint, in eval mode."""
-
-    model: torch.nn.Module
-    transform: torch.nn.Module
-    config: ExperimentConfig
-    state: dict[str, Any]
-
-
-def load_model(checkpoint_path: str | Path, *, device: str = "cpu") -> LoadedModel:
-    """Rebuild the model and the (eval-mode) batch transform of a checkpoint.
-
-    Raises:
-        CheckpointError: Missing or unreadable checkpoint, or weights that do not fit.
-    """
-    state = load_checkpoint(checkpoint_path)
-    cfg = checkpoint_config(state, source=str(checkpoint_path))
-    model, transform = build_inference_parts(cfg, state)
-    return LoadedModel(model.to(device), transform.to(device), cfg, state)
-
-
-def build_inference_parts(
-    cfg: ExperimentConfig, state: Mapping[str, Any]
-) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """Model with the checkpoint's weights and its transform, both in eval mode."""
-    from quakeray.data.transforms import build_transform
-    from quakeray.models import build_model
-
-    img_size = int(state["img_size"])
-    model = build_model(replace(cfg.model, pretrained=False), in_chans=4, img_size=img_size)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"checkpoint weights do not fit {cfg.model.backbone!r}: "
-            f"{str(exc).splitlines()[0]}; the checkpoint is damaged or from another version"
-        ) from None
-    stats = stats_from_state(state)
-    data_cfg = replace(cfg.data, image_size=int(state.get("resize_to", 0)))
-    transform = build_transform(data_cfg, stats)
-    return model.eval(), transform.eval()
-
-
-def stats_from_state(state: Mapping[str, Any]) -> Any:
-    """The :class:`ChannelStats` saved in a checkpoint (None when not normalising)."""
-    from quakeray.data.transforms import ChannelStats
-
-    saved = state.get("stats")
-    return ChannelStats(**saved) if saved else None
-
-
-def stats_to_state(stats: Any) -> dict[str, Any] | None:
-    """Plain-dict form of :class:`ChannelStats` for a ``weights_only`` checkpoint."""
-    return dataclasses.asdict(stats) if stats is not None else None
-
-
-def predict_batches(
-    model: torch.nn.Module,
-    transform: torch.nn.Module,
-    batches: Iterable[Mapping[str, Any]],
-    device: torch.device,
-    *,
-    autocast_dtype: torch.dtype | None = None,
-) -> dict[str, list[Any]]:
-    """Predictions for every batch, with the targets and sample names.
-
-    Returns:
-        Lists ``prediction``, ``magnitude``, ``label``, ``event_id``, ``patch`` in batch order.
-    """
-    out: dict[str, list[Any]] = {
-        k: [] for k in ("prediction", "magnitude", "label", "event_id", "patch")
-    }
-    model.eval()
-    transform.eval()
-    with torch.no_grad():
-        for batch in batches:
-            x = transform(batch["image"].to(device, non_blocking=True))
-            with torch.autocast(
-                device.type,
-                dtype=autocast_dtype or torch.float32,
-                enabled=autocast_dtype is not None,
-            ):
-                pred = model(x)
-            out["prediction"].extend(pred.float().reshape(-1).cpu().tolist())
-            out["magnitude"].extend(batch["magnitude"].reshape(-1).tolist())
-            out["label"].extend(batch["label"].reshape(-1).tolist())
-            out["event_id"].extend(str(e) for e in batch["event_id"])
-            out["patch"].extend(str(p) for p in batch["patch"])
-    return out
-
-
-def split_metrics(
-    pred: np.ndarray, target: np.ndarray, labels: np.ndarray, *, prefix: str
-) -> dict[str, float]:
-    """``regression_metrics`` with a ``val_`` / ``test_`` prefix."""
-    from quakeray.metrics import regression_metrics
-
-    values = regression_metrics(pred, target, labels)
-    return {f"{prefix}{k}": float(v) for k, v in values.items()}
 
 
 def evaluate_checkpoint(
@@ -215,7 +84,8 @@ def evaluate_checkpoint(
     from torch.utils.data import DataLoader
 
     from quakeray.data.quakeset import QuakeSetDataset, collate
-    from quakeray.metrics import per_bin_errors
+    from quakeray.inference import load_model, predict_batches
+    from quakeray.metrics import per_bin_errors, split_metrics
 
     if split not in SPLIT_NAMES:
         raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLIT_NAMES)}")
@@ -255,7 +125,7 @@ def evaluate_checkpoint(
         bins=[dict(b) for b in bins],
         predictions=predictions,
         run_id=loaded.state.get("mlflow_run_id") or None,
-        extra={"tracking_uri": loaded.state.get("tracking_uri", "")},
+        tracking_uri=str(loaded.state.get("tracking_uri") or ""),
     )
 
 
@@ -285,7 +155,7 @@ def evaluate_target(
 
     checkpoint = _resolve_target(target, tracking_uri)
     result = evaluate_checkpoint(checkpoint, split=split, data_path=data_path)
-    uri = resolve_tracking_uri(tracking_uri or str(result.extra.get("tracking_uri") or ""))
+    uri = resolve_tracking_uri(tracking_uri or result.tracking_uri)
     if log and result.run_id:
         result.logged = _log_result(uri, result)
     print(result.format())
@@ -296,7 +166,7 @@ def _resolve_target(target: str, tracking_uri: str | None) -> str:
     from quakeray.tracking import resolve_tracking_uri
 
     path = Path(target).expanduser()
-    if path.is_dir() and not (path / "checkpoint.pt").is_file():
+    if path.is_dir() and not (path / STATE_FILE).is_file():
         best = best_checkpoint(path)
         if best is None:
             raise CheckpointError(
@@ -331,10 +201,10 @@ def _checkpoint_of_run(run_id: str, uri: str) -> str:
             f"{run_id!r} is neither a checkpoint folder nor an MLflow run in {uri}; "
             "pass a checkpoint path or a run id (and --tracking-uri)"
         ) from None
-    path = run.data.tags.get(BEST_CHECKPOINT_TAG)
+    path = run.data.tags.get(tags.BEST_CHECKPOINT)
     if not path:
         raise CheckpointError(
-            f"MLflow run {run_id} has no {BEST_CHECKPOINT_TAG} tag (unfinished run?); "
+            f"MLflow run {run_id} has no {tags.BEST_CHECKPOINT} tag (unfinished run?); "
             "pass a checkpoint folder instead"
         )
     if not Path(path).exists():
@@ -347,10 +217,8 @@ def _checkpoint_of_run(run_id: str, uri: str) -> str:
 
 def _log_result(uri: str, result: EvalResult) -> bool:
     """Log metrics, predictions and figures of an evaluation into its run."""
-    import tempfile
-
-    from quakeray.plots import format_bin_table, per_bin_figure, scatter_figure
     from quakeray.tracking import RunLogger, check_tracking
+    from quakeray.tracking.outputs import log_prediction_outputs
 
     assert result.run_id is not None
     try:
@@ -359,21 +227,13 @@ def _log_result(uri: str, result: EvalResult) -> bool:
         log.warning("not logging the evaluation: %s", exc)
         return False
     logger = RunLogger(uri, result.run_id)
-    prefix = f"evaluation/{result.split}"
     logger.log_metrics(result.metrics, step=0)
-    with tempfile.TemporaryDirectory() as tmp:
-        csv = write_predictions(Path(tmp) / "predictions.csv", result.predictions)
-        logger.log_artifact(csv, prefix)
-    p = result.predictions
-    scatter = scatter_figure(
-        np.asarray(p.magnitude),
-        np.asarray(p.prediction),
-        np.asarray(p.label),
+    prefix = f"evaluation/{result.split}/"
+    log_prediction_outputs(
+        logger,
+        result.predictions,
+        csv_artifact=f"{prefix}predictions.csv",
+        figure_prefix=prefix,
         title=f"{result.split} split",
     )
-    logger.log_figure(scatter, f"{prefix}/scatter.png")
-    logger.log_figure(
-        per_bin_figure(result.bins, title=f"{result.split} split"), f"{prefix}/per_bin.png"
-    )
-    logger.log_text(format_bin_table(result.bins), f"{prefix}/per_bin.txt")
     return True

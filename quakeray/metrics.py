@@ -1,7 +1,9 @@
-"""Evaluation metrics for magnitude predictions, computed exactly on full arrays.
+"""Every metric and every metric name: magnitude predictions scored exactly on full arrays.
 
-:func:`regression_metrics` returns unprefixed names (``MAE``, ``RMSE``, ...); callers add
-the split prefix (``val_MAE``, ``test_MAE``), torchgeo's naming. A value that is undefined
+:func:`regression_metrics` returns unprefixed names (``MAE``, ``RMSE``, ...);
+:func:`split_metrics` adds the split prefix (``val_MAE``, ``test_MAE``), torchgeo's naming.
+:data:`EPOCH_METRICS` names what a training epoch reports (to Ray, Tune and MLflow), and
+:data:`SCORE_METRIC` the one checkpoints are ranked by. A value that is undefined
 for the given data (a correlation of a constant, the MAE of no positives) is
 ``float("nan")``, never an exception: an epoch that predicts a constant is a result to
 record, not a crash.
@@ -30,10 +32,13 @@ from numpy.typing import ArrayLike, NDArray
 __all__ = [
     "AFFECTED_THRESHOLD",
     "DEFAULT_BIN_EDGES",
-    "METRIC_NAMES",
+    "EPOCH_METRICS",
+    "REGRESSION_METRICS",
+    "SCORE_METRIC",
     "pairwise_ranking_accuracy",
     "per_bin_errors",
     "regression_metrics",
+    "split_metrics",
 ]
 
 NAN = float("nan")
@@ -44,7 +49,7 @@ AFFECTED_THRESHOLD = 1.0
 DEFAULT_BIN_EDGES: tuple[float, ...] = (0, 0.5, 4.5, 5, 5.5, 6, 6.5, 7, 10)
 """Magnitude bins for :func:`per_bin_errors`: negatives (0), then half-magnitude steps."""
 
-METRIC_NAMES: tuple[str, ...] = (
+REGRESSION_METRICS: tuple[str, ...] = (
     "MAE",
     "RMSE",
     "spearman",
@@ -54,6 +59,21 @@ METRIC_NAMES: tuple[str, ...] = (
     "MAE_pos",
 )
 """The keys of :func:`regression_metrics`, in order."""
+
+EPOCH_METRICS: tuple[str, ...] = (
+    "epoch",
+    "train_loss",
+    "train_mse",
+    "train_rank",
+    "val_loss",
+    *(f"val_{name}" for name in REGRESSION_METRICS),
+    "lr",
+    "samples_per_s",
+)
+"""Reported to Ray (and Tune) and logged to MLflow each epoch (step = epoch)."""
+
+SCORE_METRIC = "val_MAE"
+"""Checkpoints are ranked by this metric (lower is better)."""
 
 # Pairs are compared in row blocks so memory stays ~BLOCK * n booleans for any n.
 _BLOCK = 1024
@@ -97,6 +117,13 @@ def regression_metrics(
         "detection_acc": _mean((p >= AFFECTED_THRESHOLD) == positive),
         "MAE_pos": _mean(np.abs(err[positive])),
     }
+
+
+def split_metrics(
+    pred: ArrayLike, target: ArrayLike, labels: ArrayLike | None = None, *, prefix: str
+) -> dict[str, float]:
+    """:func:`regression_metrics` named for a split: ``prefix`` ``val_`` gives ``val_MAE``."""
+    return {f"{prefix}{k}": float(v) for k, v in regression_metrics(pred, target, labels).items()}
 
 
 def pairwise_ranking_accuracy(pred: ArrayLike, target: ArrayLike) -> float:

@@ -6,6 +6,8 @@ import torch
 
 from quakeray.config import OptimConfig
 
+__all__ = ["build_optimizer"]
+
 
 def build_optimizer(
     model: torch.nn.Module, opt: OptimConfig, steps_per_epoch: int

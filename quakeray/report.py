@@ -19,8 +19,6 @@ How runs become table cells:
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -28,6 +26,22 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from quakeray.errors import SearchError
+from quakeray.tables import csv_text, markdown_table, text_table
+from quakeray.tracking import tags
+
+__all__ = [
+    "Cell",
+    "Format",
+    "Report",
+    "ReportRow",
+    "RunResult",
+    "build_report",
+    "config_key",
+    "format_report",
+    "print_report",
+    "run_result",
+    "table_rows",
+]
 
 Format = Literal["text", "markdown", "csv"]
 
@@ -127,8 +141,8 @@ def build_report(experiment: str, *, tracking_uri: str | None = None) -> Report:
 
 def run_result(run: Any) -> RunResult | None:
     """A finished MLflow run as a :class:`RunResult`, or None if it does not belong."""
-    tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
-    if tags.get("quakeray.role") == "search" or tags.get("quakeray.status") in (
+    run_tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+    if run_tags.get(tags.ROLE) == "search" or run_tags.get(tags.STATUS) in (
         "stopped",
         "failed",
         "cancelled",
@@ -193,16 +207,8 @@ def format_report(report: Report, fmt: Format = "text") -> str:
         f"experiment {report.experiment}: {report.runs} finished runs in {report.tracking_uri}; "
         "MAE = mean +- std over seeds (n); best joint-loss configuration chosen on validation"
     )
-    if fmt == "markdown":
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(row) + " |" for row in body]
-        return title + "\n\n" + "\n".join(lines)
-    widths = [max(len(c) for c in col) for col in zip(header, *body, strict=True)]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-        for row in [header, *body]
-    ]
-    return title + "\n\n" + "\n".join(lines)
+    table = markdown_table(header, body) if fmt == "markdown" else text_table(header, body)
+    return title + "\n\n" + table
 
 
 def print_report(experiment: str, *, tracking_uri: str | None = None, fmt: str = "text") -> None:
@@ -244,36 +250,32 @@ def _select_value(r: RunResult) -> float:
 
 
 def _csv(rows: Sequence[ReportRow]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(
+    header = [
+        "backbone",
+        "metric",
+        "mse_mean",
+        "mse_std",
+        "mse_n",
+        "joint_mean",
+        "joint_std",
+        "joint_n",
+        "margin",
+        "rank_weight",
+        "improvement_pct",
+    ]
+    body = [
         [
-            "backbone",
-            "metric",
-            "mse_mean",
-            "mse_std",
-            "mse_n",
-            "joint_mean",
-            "joint_std",
-            "joint_n",
-            "margin",
-            "rank_weight",
-            "improvement_pct",
+            r.backbone,
+            r.metric,
+            *(_cell_fields(r.mse)),
+            *(_cell_fields(r.joint)),
+            r.joint.margin if r.joint else "",
+            r.joint.rank_weight if r.joint else "",
+            "" if r.improvement_pct is None else round(r.improvement_pct, 3),
         ]
-    )
-    for r in rows:
-        writer.writerow(
-            [
-                r.backbone,
-                r.metric,
-                *(_cell_fields(r.mse)),
-                *(_cell_fields(r.joint)),
-                r.joint.margin if r.joint else "",
-                r.joint.rank_weight if r.joint else "",
-                "" if r.improvement_pct is None else round(r.improvement_pct, 3),
-            ]
-        )
-    return buf.getvalue()
+        for r in rows
+    ]
+    return csv_text(header, body)
 
 
 def _cell_fields(cell: Cell | None) -> list[Any]:

@@ -1,6 +1,6 @@
 """Ray start-up and resource checks: join a cluster when told to, else start a local one.
 
-Two things here save hours (see DESIGN.md field notes): a local Ray is started with
+Two things here save hours (see ``docs/architecture.md``, field notes): a local Ray is started with
 ``address="local"`` (a stale ``ray_current_cluster`` file would otherwise make
 ``ray.init`` attach to a dead cluster) and with the dashboard (Train V2 needs its State
 API to clean up placement groups of stopped trials). And a request the cluster cannot
@@ -16,6 +16,8 @@ import os
 
 from quakeray.config import ExperimentConfig
 from quakeray.errors import ClusterError
+
+__all__ = ["check_resources", "init_ray", "local_num_cpus", "ray_address"]
 
 log = logging.getLogger(__name__)
 

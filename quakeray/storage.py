@@ -1,4 +1,4 @@
-"""Paths and URIs of ``run.storage_path`` through one code path (``pyarrow.fs``).
+"""Paths and URIs through one code path (``pyarrow.fs``): the only module that tells them apart.
 
 A storage location is either a local path (``/data/ray_results``, ``~/x``) or a URI that
 ``pyarrow.fs.FileSystem.from_uri`` understands (``s3://bucket/prefix``, ``gs://...``,
@@ -16,12 +16,29 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
 if TYPE_CHECKING:
     from pyarrow.fs import FileSystem
+
+LOCAL_SCHEMES = frozenset({"", "file", "local"})
+"""Schemes of locations on the disk of the machine that opens them."""
+
+
+def scheme(path: str) -> str:
+    r"""The URI scheme of ``path``, lower case; "" for a plain path.
+
+    A Windows drive letter (``C:\\runs``) parses as a one-letter scheme: it is a path.
+    """
+    found = urlparse(path).scheme.lower()
+    return "" if len(found) == 1 else found
 
 
 def is_remote(path: str) -> bool:
@@ -29,9 +46,59 @@ def is_remote(path: str) -> bool:
     return "://" in path
 
 
+def on_local_disk(path: str) -> bool:
+    """Whether ``path`` names the local disk: a plain path or a ``file://`` URI."""
+    return scheme(path) in LOCAL_SCHEMES
+
+
+def local_path(path: str) -> Path:
+    """The absolute local path of a plain path or a ``file://`` / ``local://`` URI."""
+    raw = urlparse(path).path if scheme(path) in ("file", "local") else path
+    return Path(raw).expanduser().resolve()
+
+
 def resolve(path: str) -> str:
     """A local path made absolute (``~`` expanded); a URI as it is."""
     return path if is_remote(path) else os.path.realpath(os.path.expanduser(path))
+
+
+def with_scheme_of(path: str, location: str) -> str:
+    """``path`` as Ray reports it (no scheme) in the scheme of the ``location`` it is in.
+
+    Ray Train reports a checkpoint on ``s3://bucket/runs`` as ``bucket/runs/...``.
+    """
+    if is_remote(location) and not is_remote(path):
+        return f"{location.split('://', 1)[0]}://{path}"
+    return path
+
+
+@contextmanager
+def replaced_atomically(out: Path) -> Iterator[Path]:
+    """A temporary path beside the local file ``out`` to write; it becomes ``out`` at the end.
+
+    Readers see the old file or the new one, never a part: the block writes the temporary
+    file, which is renamed over ``out`` when the block ends and removed when it raises.
+    """
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+@contextmanager
+def local_copy(path: str) -> Iterator[Path]:
+    """A local folder with the files of the folder ``path`` (downloaded when a URI)."""
+    if not is_remote(path):
+        yield Path(path)
+        return
+    import ray.train
+
+    with ray.train.Checkpoint(path).as_directory() as folder:
+        yield Path(folder)
 
 
 def _split_query(path: str) -> tuple[str, str]:
@@ -151,17 +218,24 @@ def write_text_atomic(path: str, text: str) -> None:
 
 
 __all__ = [
+    "LOCAL_SCHEMES",
     "exists",
     "filesystem",
     "is_dir",
     "is_file",
     "is_remote",
     "join",
+    "local_copy",
+    "local_path",
     "makedirs",
     "name",
+    "on_local_disk",
     "parent",
     "read_text",
     "remove_empty_dir",
+    "replaced_atomically",
     "resolve",
+    "scheme",
+    "with_scheme_of",
     "write_text_atomic",
 ]

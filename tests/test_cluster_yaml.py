@@ -189,8 +189,8 @@ def test_credentials_from_instance_roles_only(raw: dict[str, Any]) -> None:
 
 
 def test_multi_node_marker_set_where_jobs_run(raw: dict[str, Any]) -> None:
-    # quakeray.cluster.preflight treats the cluster as multi-node while the head is alone.
-    from quakeray.cluster import MULTI_NODE_ENV
+    # quakeray.preflight.preflight treats the cluster as multi-node while the head is alone.
+    from quakeray.preflight import MULTI_NODE_ENV
 
     for command in _start_ray_commands(raw):
         assert f"{MULTI_NODE_ENV}=1" in command
@@ -272,8 +272,8 @@ def test_settings_file_reaches_later_shells(raw: dict[str, Any], tmp_path: Path)
 def test_cluster_search_preset_fits_the_cluster(raw: dict[str, Any]) -> None:
     # experiments/cluster/search_64.yaml asks for 16 concurrent 1-GPU trials: every one must
     # fit on a g5.12xlarge node next to its siblings, or trials would wait forever.
-    from quakeray.cluster import SHARED_PATHS_ENV
     from quakeray.config import load_config
+    from quakeray.preflight import SHARED_PATHS_ENV
 
     cfg = load_config(REPO / "experiments" / "cluster" / "search_64.yaml")
     node = raw["available_node_types"]["gpu_a10g_x4"]

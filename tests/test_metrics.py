@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from quakeray.metrics import (
-    METRIC_NAMES,
+    REGRESSION_METRICS,
     pairwise_ranking_accuracy,
     per_bin_errors,
     regression_metrics,
@@ -23,7 +23,7 @@ def test_hand_computed_case() -> None:
     pred = A([0.5, 4.0, 6.0, 5.0])
     target = A([0.0, 4.5, 5.5, 6.0])
     m = regression_metrics(pred, target, labels=A([0, 1, 1, 1]))
-    assert list(m) == list(METRIC_NAMES)
+    assert list(m) == list(REGRESSION_METRICS)
     assert m["MAE"] == pytest.approx((0.5 + 0.5 + 0.5 + 1.0) / 4)
     assert m["RMSE"] == pytest.approx(math.sqrt((0.25 * 3 + 1.0) / 4))
     # Ranks pred (1, 2, 4, 3) vs target (1, 2, 3, 4): sum d^2 = 2 -> 1 - 6 * 2 / (4 * 15).

@@ -1,4 +1,4 @@
-"""The QuakeSet data layer: dataset, batched transforms, synthetic files, download, inspect.
+"""The QuakeSet data layer: dataset, transforms, synthetic files, download, inspect, prepare.
 
 Heavy submodules are imported on first use of a name, so ``import quakeray.data`` stays cheap.
 """
@@ -22,6 +22,8 @@ _EXPORTS = {
     "QUAKESET_MD5": "quakeray.data.download",
     "inspect_file": "quakeray.data.inspect",
     "InspectReport": "quakeray.data.inspect",
+    "PreparedData": "quakeray.data.prepare",
+    "prepare_data": "quakeray.data.prepare",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -17,6 +17,8 @@ import requests
 
 from quakeray.errors import DownloadError
 
+__all__ = ["CHUNK", "QUAKESET_MD5", "QUAKESET_REVISION", "QUAKESET_URL", "download", "md5sum"]
+
 QUAKESET_REVISION = "bead1d25fb9979dbf703f9ede3e8b349f73b29f7"
 QUAKESET_URL = (
     f"https://huggingface.co/datasets/DarthReca/quakeset/resolve/{QUAKESET_REVISION}/earthquakes.h5"

@@ -18,6 +18,8 @@ import numpy as np
 from quakeray.data.layout import FILE_SPLITS, open_h5, read_layout
 from quakeray.errors import DataError
 
+__all__ = ["HIST_EDGES", "InspectReport", "inspect_file"]
+
 HIST_EDGES: tuple[float, ...] = (0.0, 4.0, 4.5, 5.0, 5.5, 6.0, 6.5, 7.0, 7.5, 10.0)
 """Magnitude histogram bins (events): below 4, half-unit bins over 4-7.5, above 7.5."""
 

@@ -5,7 +5,7 @@ well-formed file is and fail with the same one-line :class:`~quakeray.errors.Dat
 naming the file and the group. Only metadata is read here (attributes, shapes, dtypes),
 never pixels, so validating the 9.67 GB published file takes well under a second.
 
-The layout (see ``DESIGN.md`` section 1)::
+The layout (the README's "Data" section)::
 
     /<event_id>            attrs: magnitude (float), split ("train" | "validation" | "test")
         /patch_<i>         pre, post, [before]: (H, W, 2) float arrays, VV and VH
@@ -24,6 +24,17 @@ import h5py
 import numpy as np
 
 from quakeray.errors import DataError
+
+__all__ = [
+    "ACQUISITIONS",
+    "FILE_SPLITS",
+    "NON_PATCH_NAMES",
+    "EventInfo",
+    "PatchInfo",
+    "image_size",
+    "open_h5",
+    "read_layout",
+]
 
 FILE_SPLITS: tuple[str, ...] = ("train", "validation", "test")
 """Split names as stored in the file's ``split`` attributes."""

@@ -32,6 +32,8 @@ from torch.utils.data._utils.collate import default_collate
 from quakeray.data.layout import image_size, open_h5, read_layout
 from quakeray.errors import DataError
 
+__all__ = ["SPLITS", "BufferPool", "Layout", "QuakeSetDataset", "SampleList", "Split", "collate"]
+
 SPLITS: dict[str, str] = {"train": "train", "val": "validation", "test": "test"}
 """Our split names -> the names stored in the file's ``split`` attributes."""
 
@@ -137,18 +139,24 @@ class QuakeSetDataset(Dataset[dict[str, Any]]):
         self._buffer: np.ndarray | None = None
         self._pool = BufferPool()
 
+    @property
+    def is_open(self) -> bool:
+        """Whether this process holds an open handle (one inherited through fork() is not)."""
+        return self._h5 is not None and self._pid == os.getpid()
+
     def _dataset(self, name: str) -> h5py.Dataset:
         """The h5py dataset ``name``, through this process's own lazily opened handle."""
-        if self._h5 is None or self._pid != os.getpid():
+        handle = self._h5 if self.is_open else None
+        if handle is None:
             # A handle inherited through fork() is not safe to use: open our own. The
             # inherited object is dropped, not closed, so the parent's handle is untouched.
             self._datasets = {}
             self._buffer = None
-            self._h5 = open_h5(self.path)
+            handle = self._h5 = open_h5(self.path)
             self._pid = os.getpid()
         ds = self._datasets.get(name)
         if ds is None:
-            ds = self._h5[name]
+            ds = handle[name]
             self._datasets[name] = ds
         return ds
 
@@ -164,7 +172,7 @@ class QuakeSetDataset(Dataset[dict[str, Any]]):
 
     def close(self) -> None:
         """Close this process's handle (it re-opens on the next read)."""
-        if self._h5 is not None and self._pid == os.getpid():
+        if self._h5 is not None and self.is_open:
             self._h5.close()
         self._reset_handle()
 

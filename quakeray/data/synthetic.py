@@ -26,8 +26,6 @@ Deterministic by seed. Arrays are stored uncompressed and contiguous, which is w
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
 from pathlib import Path
 
@@ -35,7 +33,21 @@ import h5py
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from quakeray import storage
 from quakeray.errors import DataError
+
+__all__ = [
+    "GR_B",
+    "LOOKS",
+    "MAX_EVENTS",
+    "MAX_SIZE",
+    "SPLIT_BLOCK",
+    "change_gain_db",
+    "change_radius",
+    "sample_magnitudes",
+    "stratified_splits",
+    "write_synthetic",
+]
 
 MAG_MIN, MAG_MAX = 4.0, 7.5
 GR_B = 0.7  # Gutenberg-Richter b-value (a catalogue selected for visible damage: flatter than 1)
@@ -197,9 +209,11 @@ def write_synthetic(
         picks = rng.choice(total, size=1 if events < 64 else 2, replace=False)
         all_nan = {int(p) for p in picks}
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        with h5py.File(tmp, "w", libver="latest") as f:
+        with (
+            storage.replaced_atomically(out) as tmp,
+            h5py.File(tmp, "w", libver="latest") as f,
+        ):
             counter = 0
             for e in range(events):
                 group = f.create_group(str(int(ids[e])))
@@ -217,18 +231,11 @@ def write_synthetic(
                         all_nan=counter in all_nan,
                     )
                     counter += 1
-        os.replace(tmp, out)
     except OSError as exc:
         # h5py reports an unwritable directory or a full disk as OSError: one line, not a trace.
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise DataError(
             f"cannot write {out}: {exc.strerror or exc}; pick a writable directory with free space"
         ) from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
     return out
 
 

@@ -10,10 +10,8 @@ change is preserved.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,10 +21,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quakeray import storage
 from quakeray.errors import DataError
 
 if TYPE_CHECKING:
     from quakeray.config import DataConfig
+
+__all__ = [
+    "STATS_VERSION",
+    "BatchTransform",
+    "ChannelStats",
+    "build_transform",
+    "compute_stats",
+    "default_stats_path",
+]
 
 STATS_VERSION = 1
 
@@ -56,6 +64,10 @@ class ChannelStats:
     source: str = ""
     version: int = STATS_VERSION
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form, for JSON and ``weights_only`` checkpoints."""
+        return asdict(self)
+
     def save(self, path: str | Path) -> Path:
         """Write the statistics as JSON (atomically) and return the path.
 
@@ -63,15 +75,12 @@ class ChannelStats:
             DataError: The file cannot be written (read-only or missing directory, ...).
         """
         out = Path(path)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
-            os.replace(tmp, out)
+            with storage.replaced_atomically(out) as tmp:
+                tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         except OSError as exc:
             # E.g. data on a read-only share: say where to write instead of a traceback.
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise DataError(
                 f"cannot write statistics to {out} ({exc.strerror or exc}); pass --out "
                 "(or set data.stats_path) to a writable file"
@@ -341,8 +350,3 @@ def _mismatch(cfg: DataConfig, stats: ChannelStats) -> str:
     if not math.isclose(stats.nan_fill, cfg.nan_fill, rel_tol=1e-9, abs_tol=1e-12):
         problems.append(f"nan_fill={stats.nan_fill} (config: {cfg.nan_fill})")
     return ", ".join(problems)
-
-
-def stats_to_dict(stats: ChannelStats) -> dict[str, Any]:
-    """Plain dict of the statistics (for checkpoints and MLflow)."""
-    return asdict(stats)

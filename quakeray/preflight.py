@@ -1,4 +1,4 @@
-"""Pre-flight checks for running on a Ray cluster: catch lost checkpoints and runs before training.
+"""Driver-side checks before any worker starts: the model builds, every node reaches what it needs.
 
 On one machine everything sees the same disk, so a local ``storage_path``, a sqlite MLflow
 store and a data file in the working directory all work. On several nodes they do not, and
@@ -36,17 +36,26 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from quakeray import storage
 from quakeray.config import ExperimentConfig
+from quakeray.data.prepare import PreparedData
 from quakeray.errors import ClusterError, DataError
 
 __all__ = [
     "MULTI_NODE_ENV",
+    "PROBE_TIMEOUT_S",
     "SHARED_PATHS_ENV",
     "NodeProbe",
+    "ProbePlan",
+    "alive_nodes",
+    "check_model",
+    "check_nodes",
     "is_local_storage",
     "is_local_tracking",
     "is_multi_node",
     "preflight",
+    "raise_for_probes",
+    "run_probes",
     "shared_prefixes",
 ]
 
@@ -61,8 +70,6 @@ SHARED_PATHS_ENV = "QUAKERAY_SHARED_PATHS"
 PROBE_TIMEOUT_S = 120.0
 """How long to wait for the per-node probes; a busy node may need to start a worker process."""
 
-# Schemes that name storage every node reaches over the network (pyarrow / fsspec filesystems).
-_LOCAL_STORAGE_SCHEMES = {"", "file", "local"}
 # MLflow stores that live on the disk of whichever process opens them.
 _LOCAL_TRACKING_SCHEMES = {"", "file", "sqlite"}
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
@@ -95,13 +102,22 @@ class NodeProbe:
 
 
 @dataclass
-class _Plan:
+class ProbePlan:
     """What the per-node probes must check."""
 
     data_path: str = ""
     stats_path: str = ""
     marker: str = ""
     health_url: str = ""
+
+
+def check_model(cfg: ExperimentConfig, data: PreparedData) -> None:
+    """Build the model once on the driver: a bad backbone fails here, not in N workers."""
+    from quakeray.data.quakeset import QuakeSetDataset
+    from quakeray.models import build_model, input_size_for
+
+    native = cfg.data.image_size or QuakeSetDataset(data.path, "train").image_size[0]
+    build_model(cfg.model, in_chans=4, img_size=input_size_for(cfg.model, native))
 
 
 def preflight(
@@ -127,7 +143,7 @@ def preflight(
         ClusterError: A local storage path or tracking store on a multi-node cluster, or a node
             that misses the data file, the shared storage or the tracking server.
     """
-    if data_path and not _looks_remote(data_path) and not Path(data_path).is_file():
+    if data_path and storage.on_local_disk(data_path) and not Path(data_path).is_file():
         raise DataError(
             f"data file {data_path} does not exist on {socket.gethostname()}; {_STAGING_HINT}, "
             "or set data.path to the staged file"
@@ -136,7 +152,7 @@ def preflight(
         return
     _check_storage_static(storage_path)
     _check_tracking_static(tracking_uri)
-    _check_nodes(
+    check_nodes(
         data_path=data_path,
         stats_path=_stats_path(cfg, data_path),
         tracking_uri=tracking_uri,
@@ -160,7 +176,7 @@ def is_multi_node(cfg: ExperimentConfig | None = None) -> bool:
 
     if not ray.is_initialized():
         return False
-    if len(_alive_nodes()) > 1:
+    if len(alive_nodes()) > 1:
         return True
     address = (cfg.run.ray_address if cfg is not None else "") or os.environ.get("RAY_ADDRESS", "")
     return bool(address) and not _address_is_this_machine(address)
@@ -168,12 +184,12 @@ def is_multi_node(cfg: ExperimentConfig | None = None) -> bool:
 
 def is_local_storage(storage_path: str) -> bool:
     """Whether ``storage_path`` is a directory on the local disk (no s3://, gs://, ... scheme)."""
-    return _scheme(storage_path) in _LOCAL_STORAGE_SCHEMES
+    return storage.on_local_disk(storage_path)
 
 
 def is_local_tracking(tracking_uri: str) -> bool:
     """Whether the MLflow store lives on the local disk (a path, ``file:`` or ``sqlite:``)."""
-    return _scheme(tracking_uri) in _LOCAL_TRACKING_SCHEMES
+    return storage.scheme(tracking_uri) in _LOCAL_TRACKING_SCHEMES
 
 
 def shared_prefixes() -> list[Path]:
@@ -188,7 +204,7 @@ def shared_prefixes() -> list[Path]:
 def _check_storage_static(storage_path: str) -> None:
     if not is_local_storage(storage_path):
         return
-    path = _local_path(storage_path)
+    path = storage.local_path(storage_path)
     if any(path == p or p in path.parents for p in shared_prefixes()):
         return  # declared shared; the node probes verify it
     raise ClusterError(
@@ -217,7 +233,7 @@ def _check_tracking_static(tracking_uri: str) -> None:
 # --------------------------------------------------------------------------- node probes
 
 
-def _check_nodes(
+def check_nodes(
     *, data_path: str, tracking_uri: str, storage_path: str, stats_path: str = ""
 ) -> None:
     """Probe every alive node except the driver's own (already checked) in parallel."""
@@ -225,32 +241,33 @@ def _check_nodes(
 
     if not ray.is_initialized():
         return  # nothing to probe (and no Ray to start here)
-    plan = _Plan(stats_path=stats_path)
-    if data_path and not _looks_remote(data_path):
+    plan = ProbePlan(stats_path=stats_path)
+    if data_path and storage.on_local_disk(data_path):
         plan.data_path = str(Path(data_path).resolve())
     if urlparse(tracking_uri).scheme in {"http", "https"}:
         plan.health_url = tracking_uri.rstrip("/") + "/health"
     marker_file: Path | None = None
     if is_local_storage(storage_path):
         # Declared shared: prove it with a file only the driver wrote.
-        root = _local_path(storage_path)
+        root = storage.local_path(storage_path)
         root.mkdir(parents=True, exist_ok=True)
         marker_file = root / f".quakeray-preflight-{uuid.uuid4().hex}"
         marker_file.write_text(socket.gethostname())
         plan.marker = str(marker_file)
     try:
-        probes = _run_probes(plan, exclude=ray.get_runtime_context().get_node_id())
+        probes = run_probes(plan, exclude=ray.get_runtime_context().get_node_id())
     finally:
         if marker_file is not None:
             marker_file.unlink(missing_ok=True)
-    _raise_for_probes(probes, plan, storage_path=storage_path, tracking_uri=tracking_uri)
+    raise_for_probes(probes, plan, storage_path=storage_path, tracking_uri=tracking_uri)
 
 
-def _run_probes(plan: _Plan, *, exclude: str) -> list[NodeProbe]:
+def run_probes(plan: ProbePlan, *, exclude: str) -> list[NodeProbe]:
+    """Run the plan's checks on every alive node but ``exclude``, with a zero-CPU task each."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    nodes = [n for n in _alive_nodes() if n["NodeID"] != exclude]
+    nodes = [n for n in alive_nodes() if n["NodeID"] != exclude]
     if not nodes or not (plan.data_path or plan.stats_path or plan.marker or plan.health_url):
         return []
     # Zero CPUs: the probe must run even on a node whose CPUs are all reserved.
@@ -292,9 +309,11 @@ def _probe_node(
     return socket.gethostname(), data_ok, stats_ok, storage_ok, tracking_error
 
 
-def _raise_for_probes(
-    probes: list[NodeProbe], plan: _Plan, *, storage_path: str, tracking_uri: str
+def raise_for_probes(
+    probes: list[NodeProbe], plan: ProbePlan, *, storage_path: str, tracking_uri: str
 ) -> None:
+    """Turn the first failed probe into a one-line ClusterError naming the nodes and the fix."""
+
     def where(bad: list[NodeProbe]) -> str:
         return ", ".join(f"{p.host} ({p.node_id[:8]})" for p in bad)
 
@@ -335,14 +354,15 @@ def _stats_path(cfg: ExperimentConfig, data_path: str) -> str:
         return ""
     if cfg.data.stats_path:
         return str(Path(cfg.data.stats_path).expanduser().resolve())
-    if not data_path or _looks_remote(data_path):
+    if not data_path or not storage.on_local_disk(data_path):
         return ""
     from quakeray.data.transforms import default_stats_path
 
     return str(default_stats_path(Path(data_path).expanduser().resolve()))
 
 
-def _alive_nodes() -> list[dict[str, Any]]:
+def alive_nodes() -> list[dict[str, Any]]:
+    """The Ray nodes alive now (``ray.nodes()`` entries)."""
     import ray
 
     return [n for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
@@ -356,14 +376,14 @@ def _nodes_share_one_host() -> bool:
 
     if not ray.is_initialized():
         return True
-    addresses = {n.get("NodeManagerAddress") for n in _alive_nodes()}
+    addresses = {n.get("NodeManagerAddress") for n in alive_nodes()}
     return addresses <= {ray.util.get_node_ip_address()}  # type: ignore[no-untyped-call]
 
 
 def _address_is_this_machine(address: str) -> bool:
     if address in {"auto", "local"}:
         return True
-    host = urlparse(address if "://" in address else f"ray://{address}").hostname or ""
+    host = urlparse(address if storage.is_remote(address) else f"ray://{address}").hostname or ""
     if _is_loopback(host):
         return True
     try:
@@ -383,19 +403,3 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _scheme(uri: str) -> str:
-    scheme = urlparse(uri).scheme.lower()
-    # "C:\\runs" parses with scheme "c": a drive letter, not a URI scheme.
-    return "" if len(scheme) == 1 else scheme
-
-
-def _local_path(storage_path: str) -> Path:
-    parsed = urlparse(storage_path)
-    raw = parsed.path if _scheme(storage_path) in {"file", "local"} else storage_path
-    return Path(raw).expanduser().resolve()
-
-
-def _looks_remote(path: str) -> bool:
-    return _scheme(path) not in _LOCAL_STORAGE_SCHEMES

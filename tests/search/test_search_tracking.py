@@ -23,24 +23,23 @@ from ray.tune.search import Searcher
 
 from quakeray import tracking
 from quakeray.checkpoint import save_checkpoint
-from quakeray.config import load_config, to_dict
-from quakeray.search_space import REFERENCE_KEY, sample_of
-from quakeray.search_tracking import (
+from quakeray.config import load_config
+from quakeray.metrics import EPOCH_METRICS, SCORE_METRIC
+from quakeray.search.finalizer import wait_for_finalizers
+from quakeray.search.runs import (
     CHECKPOINT_KEY,
     RUN_KEY,
-    TAG_REFERENCE,
-    TAG_RESTARTS,
-    TAG_STATUS,
-    TAG_TRIAL,
-    TrialRunOpener,
-    TrialRunTracker,
     close_trial_run,
     finish_orphaned_runs,
-    wait_for_finalizers,
 )
-from quakeray.train import METRIC_NAMES, SCORE_METRIC
+from quakeray.search.space import REFERENCE_KEY, sample_of
+from quakeray.search.tracker import TrialRunOpener, TrialRunTracker
+from quakeray.tracking.tags import REFERENCE as TAG_REFERENCE
+from quakeray.tracking.tags import RESTARTS as TAG_RESTARTS
+from quakeray.tracking.tags import STATUS as TAG_STATUS
+from quakeray.tracking.tags import TRIAL_ID as TAG_TRIAL
 
-BASE = to_dict(load_config(None, ["model.backbone=test_resnet"]))
+BASE = load_config(None, ["model.backbone=test_resnet"])
 
 
 class Scripted(Searcher):  # type: ignore[misc]
@@ -90,7 +89,7 @@ def _tracker(opener: TrialRunOpener, train_storage: str = "/runs/train") -> Tria
         opener.experiment_id,
         opener.parent_run_id,
         base=BASE,
-        metric_names=METRIC_NAMES,
+        metric_names=EPOCH_METRICS,
         score_metric=SCORE_METRIC,
         train_storage=train_storage,
     )
@@ -101,7 +100,7 @@ def _trial(trial_id: str, config: dict[str, Any], error_file: str | None = None)
 
 
 def _result(epoch: int, val_mae: float, checkpoint: str | None = None) -> dict[str, Any]:
-    result: dict[str, Any] = {name: 0.5 for name in METRIC_NAMES}
+    result: dict[str, Any] = {name: 0.5 for name in EPOCH_METRICS}
     result |= {"epoch": float(epoch), SCORE_METRIC: val_mae, "training_iteration": epoch + 1}
     if checkpoint:
         result[CHECKPOINT_KEY] = checkpoint
@@ -164,8 +163,8 @@ def test_tracker_logs_each_epoch_once_also_after_a_resume(mlflow_uri: str) -> No
     history = client.get_metric_history(run_id, SCORE_METRIC)
     assert [(m.step, m.value) for m in history] == [(0, 2.0), (1, 1.5), (2, 1.2)]
     logged = set(client.get_run(run_id).data.metrics)
-    assert logged == set(METRIC_NAMES)  # Tune's own fields stay out
-    assert pickle.loads(pickle.dumps(again)).metric_names == METRIC_NAMES
+    assert logged == set(EPOCH_METRICS)  # Tune's own fields stay out
+    assert pickle.loads(pickle.dumps(again)).metric_names == EPOCH_METRICS
 
 
 def test_tracker_fills_in_epochs_tune_never_passed_on_from_the_checkpoint_history(
@@ -194,7 +193,7 @@ def test_tracker_fills_in_epochs_tune_never_passed_on_from_the_checkpoint_histor
     assert [(m.step, m.value) for m in logged] == [(0, 2.0), (1, 1.5), (2, 1.2), (3, 1.1), (4, 1.0)]
     spearman = {m.step: m.value for m in client.get_metric_history(run_id, "val_spearman")}
     assert 1 not in spearman and spearman[2] == 0.5
-    assert set(client.get_run(run_id).data.metrics) == set(METRIC_NAMES)  # no Tune fields
+    assert set(client.get_run(run_id).data.metrics) == set(EPOCH_METRICS)  # no Tune fields
 
 
 def test_an_unfillable_gap_is_looked_up_once_and_the_epoch_still_logged(
@@ -210,7 +209,7 @@ def test_an_unfillable_gap_is_looked_up_once_and_the_epoch_still_logged(
     tracker.on_trial_result(0, [], trial, _result(3, 1.1, pruned))
     logged = MlflowClient(mlflow_uri).get_metric_history(run_id, SCORE_METRIC)
     assert [m.step for m in logged] == [2, 3]
-    assert tracker._filled == {run_id}
+    assert tracker.gaps_looked_up == {run_id}
 
 
 def test_runs_of_ended_trials_left_running_are_finished_from_tunes_record(
@@ -220,7 +219,7 @@ def test_runs_of_ended_trials_left_running_are_finished_from_tunes_record(
 
     finalized: list[tuple[str, str]] = []
     monkeypatch.setattr(
-        "quakeray.train.finalize_run",
+        "quakeray.tracking.outputs.finalize_run",
         lambda uri, run_id, cfg, ckpt: finalized.append((run_id, ckpt)),
     )
     suggestions = [{"optim.epochs": 3}, {"optim.epochs": 3}, {"optim.epochs": 3}]
@@ -268,7 +267,7 @@ def test_tracker_finalizes_the_best_reported_checkpoint_and_closes(
     def record(uri: str, run_id: str, cfg: Any, checkpoint: str) -> None:
         finalized.append((run_id, checkpoint, cfg.optim.epochs))
 
-    monkeypatch.setattr("quakeray.train.finalize_run", record)
+    monkeypatch.setattr("quakeray.tracking.outputs.finalize_run", record)
     opener = _opener(mlflow_uri, [{"optim.epochs": 3}, {"loss.margin": 0.2}])
     done, stopped = opener.suggest("done"), opener.suggest("stopped")
     assert isinstance(done, dict) and isinstance(stopped, dict)
@@ -305,7 +304,7 @@ def test_tracker_finalizes_in_the_background_until_the_search_waits(
 ) -> None:
     release = threading.Event()
     monkeypatch.setattr(
-        "quakeray.train.finalize_run", lambda *args: release.wait(timeout=30) or None
+        "quakeray.tracking.outputs.finalize_run", lambda *args: release.wait(timeout=30) or None
     )
     opener = _opener(mlflow_uri, [{"loss.margin": 0.1}])
     config = opener.suggest("t1")

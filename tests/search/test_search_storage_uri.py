@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from quakeray.config import load_config
 from quakeray.errors import SearchError
 from quakeray.search import STATE_FILE, TRAIN_SUBDIR, load_search_state, run_search
-from quakeray.search_tracking import child_runs
+from quakeray.search.runs import child_runs
 
 pytestmark = pytest.mark.slow
 

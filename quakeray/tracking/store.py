@@ -1,4 +1,4 @@
-"""MLflow tracking: one run per training run, created by a driver, written by rank 0.
+"""The MLflow store: where it is, whether it works, and runs, params, metrics and tags in it.
 
 The driver resolves the tracking URI to an absolute form (Ray workers run in other
 directories), checks the store is reachable *before* any training starts, creates the run
@@ -22,12 +22,29 @@ from urllib.parse import urlparse
 
 import yaml
 
+from quakeray import storage
 from quakeray.config import ExperimentConfig, flatten, to_dict
 from quakeray.errors import TrackingError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from mlflow.tracking import MlflowClient
+
+__all__ = [
+    "CONFIG_ARTIFACT",
+    "RunLogger",
+    "RunStatus",
+    "check_existing_store",
+    "check_tracking",
+    "end_run",
+    "get_or_create_experiment",
+    "log_config",
+    "mlflow_client",
+    "mlflow_ui_command",
+    "resolve_tracking_uri",
+    "run_status",
+    "start_run",
+]
 
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 
@@ -69,7 +86,7 @@ def resolve_tracking_uri(uri: str = "") -> str:
         if not path.startswith("/"):
             path = uri[len("file:") :]
         return Path(path).resolve().as_uri()
-    if "://" not in uri and not uri.startswith("databricks"):
+    if not storage.is_remote(uri) and not uri.startswith("databricks"):
         # A bare path: MLflow reads it as a file store; make it absolute too.
         return str(Path(uri).resolve())
     return uri
@@ -114,7 +131,7 @@ def check_tracking(uri: str) -> None:
                 f"cannot create the folder of the MLflow store {uri}: {exc.strerror}; "
                 "set tracking.uri to a writable sqlite path"
             ) from None
-    file_store = scheme == "file" or (not scheme and "://" not in uri)
+    file_store = scheme == "file" or (not scheme and not storage.is_remote(uri))
     if file_store and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
         raise TrackingError(
             f"tracking.uri {uri} is an MLflow file store, which MLflow 3 refuses; "
@@ -206,17 +223,9 @@ def log_config(uri: str, run_id: str, cfg: ExperimentConfig) -> None:
     Params are ``section.field`` (``loss.margin``), values clipped to MLflow's length
     limit. Logging the same config twice is harmless (identical values are accepted).
     """
-    from mlflow.entities import Param
-
-    flat = flatten(cfg)
-    params = [
-        Param(key[:_MAX_KEY_LENGTH], _clip(_param_text(value), _MAX_PARAM_VAL_LENGTH))
-        for key, value in flat.items()
-    ]
-    client = mlflow_client(uri)
-    for start in range(0, len(params), _MAX_PARAMS_PER_BATCH):
-        client.log_batch(run_id, params=params[start : start + _MAX_PARAMS_PER_BATCH])
-    client.log_text(run_id, yaml.safe_dump(to_dict(cfg), sort_keys=False), CONFIG_ARTIFACT)
+    logger = RunLogger(uri, run_id)
+    logger.log_params(flatten(cfg))
+    logger.log_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), CONFIG_ARTIFACT)
 
 
 def end_run(uri: str, run_id: str, status: RunStatus) -> None:
@@ -286,13 +295,16 @@ class RunLogger:
         """Upload a local file or folder into the run's artifacts."""
         self.client.log_artifact(self.run_id, str(local_path), artifact_path)
 
-    def log_dict(self, dictionary: Mapping[str, Any], artifact_file: str) -> None:
-        """Save a mapping as a JSON/YAML artifact (by the file's extension)."""
-        self.client.log_dict(self.run_id, dict(dictionary), artifact_file)
-
     def log_text(self, text: str, artifact_file: str) -> None:
         """Save text as an artifact."""
         self.client.log_text(self.run_id, text, artifact_file)
+
+
+def mlflow_ui_command(uri: str) -> str:
+    """The command that opens the MLflow UI on this store."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri}"
 
 
 def mlflow_client(uri: str) -> MlflowClient:

@@ -31,8 +31,9 @@ from quakeray.checkpoint import (
 from quakeray.config import load_config
 from quakeray.data.quakeset import QuakeSetDataset, collate
 from quakeray.errors import CheckpointError
-from quakeray.evaluate import BEST_CHECKPOINT_TAG
-from quakeray.train import METRIC_NAMES, TrainSummary, run_training
+from quakeray.metrics import EPOCH_METRICS
+from quakeray.tracking.tags import BEST_CHECKPOINT as BEST_CHECKPOINT_TAG
+from quakeray.train import TrainSummary, run_training
 
 EPOCHS = 3
 
@@ -97,7 +98,7 @@ def test_mlflow_run_has_params_metrics_artifacts_model(local_run: LocalRun) -> N
     assert run.data.params["loss.margin"] == "0.02"
     assert run.data.params["optim.epochs"] == str(EPOCHS)
     assert run.data.params["scaling.num_workers"] == "0"
-    for name in METRIC_NAMES:
+    for name in EPOCH_METRICS:
         steps = [m.step for m in client.get_metric_history(run_id, name)]
         assert steps == list(range(EPOCHS)), name  # one point per epoch, no duplicates
     assert run.data.tags[BEST_CHECKPOINT_TAG] == local_run.summary.best_checkpoint
@@ -294,7 +295,8 @@ def test_workers_leave_mlflow_to_a_driver_that_logs(
     # `quakeray evaluate`). The controller's poll interval comes from the config.
     from quakeray import tracking
     from quakeray.checkpoint import load_checkpoint
-    from quakeray.train import build_trainer, prepare_data
+    from quakeray.data.prepare import prepare_data
+    from quakeray.train import build_trainer
 
     monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)  # restored after
     cfg = load_config(

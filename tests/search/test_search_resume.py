@@ -24,7 +24,7 @@ from quakeray.search import STATE_FILE
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EPOCHS = 2
 
 

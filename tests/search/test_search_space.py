@@ -18,16 +18,9 @@ from ray.tune.search.optuna import OptunaSearch
 
 from quakeray.config import SpaceParam, load_config
 from quakeray.errors import SearchError
-from quakeray.search import EpochASHA, build_scheduler
-from quakeray.search_space import (
-    REFERENCE_KEY,
-    GridSearcher,
-    ReferenceFirst,
-    build_searcher,
-    check_space,
-    optuna_space,
-    reference_points,
-)
+from quakeray.search.scheduler import EpochASHA, build_scheduler
+from quakeray.search.searchers import GridSearcher, ReferenceFirst, build_searcher
+from quakeray.search.space import REFERENCE_KEY, check_space, optuna_space, reference_points
 
 
 def test_optuna_space_kinds_and_inclusive_int_bounds() -> None:
@@ -131,7 +124,7 @@ def test_searcher_chain_state_survives_save_and_restore(tmp_path: Path) -> None:
     again.searcher.searcher.restore(str(tmp_path / "inner.pkl"))
     nxt = again.searcher.suggest("t3")
     assert REFERENCE_KEY not in nxt  # the reference points are not served twice
-    assert again.searcher._reference_trials == {"t0": "mse_only", "t1": "paper"}
+    assert again.searcher.reference_trials == {"t0": "mse_only", "t1": "paper"}
 
 
 def test_grid_searcher_enumerates_in_space_order_and_finishes() -> None:

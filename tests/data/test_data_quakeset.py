@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import multiprocessing
 import pickle
 import shutil
 from pathlib import Path
@@ -17,7 +17,7 @@ from torch.utils.data._utils.collate import default_collate
 from quakeray.data.quakeset import SPLITS, QuakeSetDataset, collate
 from quakeray.data.synthetic import write_synthetic
 
-FIXTURE = Path(__file__).parent / "data" / "quakeset" / "earthquakes.h5"
+FIXTURE = Path(__file__).parent / "quakeset" / "earthquakes.h5"
 
 
 def _torchgeo(path: Path, split: str, tmp_path: Path):  # type: ignore[no-untyped-def]
@@ -123,25 +123,41 @@ def test_nan_kept_raw(tiny_h5: Path) -> None:
 def test_pickle_drops_handle_and_reopens(tiny_h5: Path) -> None:
     ds = QuakeSetDataset(tiny_h5, "test")
     first = ds[0]["image"]
-    assert ds._h5 is not None
+    assert ds.is_open
     blob = pickle.dumps(ds)
     assert len(blob) < 100_000  # the index, never pixels or a handle
     clone = pickle.loads(blob)
-    assert clone._h5 is None
+    assert not clone.is_open
     assert torch.equal(clone[0]["image"].nan_to_num(), first.nan_to_num())
     clone.close()
     ds.close()
 
 
+_FORKED: dict[str, QuakeSetDataset] = {}
+
+
+def _read_in_child(index: int) -> tuple[bool, bool, np.ndarray]:
+    """In a forked child: (open before the read, open after it, the image)."""
+    ds = _FORKED["ds"]
+    before = ds.is_open  # the handle it inherited belongs to the parent's pid
+    image = ds[index]["image"].numpy()
+    return before, ds.is_open, image
+
+
 def test_handle_reopened_after_fork(tiny_h5: Path) -> None:
     ds = QuakeSetDataset(tiny_h5, "train")
-    ds[0]
-    parent_handle = ds._h5
-    ds._pid = -1  # what a forked child sees: the inherited handle belongs to another pid
-    ds[1]
-    assert ds._h5 is not parent_handle and ds._pid == os.getpid()
-    assert parent_handle is not None and parent_handle.id.valid  # parent's handle untouched
-    parent_handle.close()
+    expected = ds[1]["image"].numpy()
+    assert ds.is_open
+    _FORKED["ds"] = ds
+    try:
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            before, after, image = pool.apply(_read_in_child, (1,))
+    finally:
+        _FORKED.clear()
+    assert not before and after  # the child opened a handle of its own
+    np.testing.assert_array_equal(image, expected)
+    assert ds.is_open  # parent's handle untouched, and still reads
+    np.testing.assert_array_equal(ds[1]["image"].numpy(), expected)
     ds.close()
 
 

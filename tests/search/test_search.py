@@ -18,10 +18,10 @@ from mlflow.tracking import MlflowClient
 
 from quakeray.cli import main
 from quakeray.config import ExperimentConfig, load_config
+from quakeray.metrics import EPOCH_METRICS
 from quakeray.report import build_report
 from quakeray.search import SearchSummary, run_search
-from quakeray.search_tracking import child_runs
-from quakeray.train import METRIC_NAMES
+from quakeray.search.runs import child_runs
 
 pytestmark = pytest.mark.slow
 
@@ -112,11 +112,11 @@ def test_one_child_run_per_trial_with_tags_and_epoch_metrics(searched: Searched)
         assert tags["quakeray.status"] == statuses[tags["quakeray.trial_id"]]
         assert run.info.status == "FINISHED"  # completed and stopped alike; none RUNNING
         # Rank correlations of constant predictions are NaN, which is not logged.
-        assert set(METRIC_NAMES) - {"val_spearman", "val_kendall"} <= set(run.data.metrics)
+        assert set(EPOCH_METRICS) - {"val_spearman", "val_kendall"} <= set(run.data.metrics)
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_MAE")]
         assert steps == sorted(set(steps))  # one point per epoch, no duplicates
         if tags["quakeray.status"] == "completed":
-            assert set(METRIC_NAMES) <= set(run.data.metrics)
+            assert set(EPOCH_METRICS) <= set(run.data.metrics)
             assert steps == list(range(EPOCHS))
         # Stopped trials are finalised too: best checkpoint, its metrics and figures.
         assert "quakeray.best_checkpoint" in tags

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from conftest import free_port
 
-from quakeray import cluster
+from quakeray import preflight
 from quakeray.config import ExperimentConfig, load_config
 from quakeray.errors import ClusterError, DataError
 
@@ -42,13 +42,13 @@ class _Nodes:
         while len(self.extra) + 1 > count:
             self.cluster.remove_node(self.extra.pop())
         self.cluster.wait_for_nodes()
-        assert len(cluster._alive_nodes()) == count
+        assert len(preflight.alive_nodes()) == count
 
     def second_node_id(self) -> str:
         import ray
 
         mine = ray.get_runtime_context().get_node_id()
-        return next(n["NodeID"] for n in cluster._alive_nodes() if n["NodeID"] != mine)
+        return next(n["NodeID"] for n in preflight.alive_nodes() if n["NodeID"] != mine)
 
     def shutdown(self) -> None:
         import ray
@@ -80,8 +80,8 @@ def two_nodes(nodes: _Nodes) -> _Nodes:
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(cluster.MULTI_NODE_ENV, raising=False)
-    monkeypatch.delenv(cluster.SHARED_PATHS_ENV, raising=False)
+    monkeypatch.delenv(preflight.MULTI_NODE_ENV, raising=False)
+    monkeypatch.delenv(preflight.SHARED_PATHS_ENV, raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
 
@@ -128,14 +128,14 @@ def data_file(tmp_path: Path) -> str:
 def test_single_node_accepts_local_storage_and_sqlite(
     one_node: _Nodes, cfg: ExperimentConfig, tmp_path: Path, data_file: str
 ) -> None:
-    assert not cluster.is_multi_node(cfg)
-    cluster.preflight(
+    assert not preflight.is_multi_node(cfg)
+    preflight.preflight(
         cfg,
         data_path=data_file,
         tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
         storage_path=str(tmp_path / "ray_results"),
     )
-    cluster.preflight(cfg, data_path="", tracking_uri="", storage_path="ray_results")
+    preflight.preflight(cfg, data_path="", tracking_uri="", storage_path="ray_results")
 
 
 def test_single_node_missing_data_is_a_data_error(
@@ -143,7 +143,9 @@ def test_single_node_missing_data_is_a_data_error(
 ) -> None:
     missing = tmp_path / "nowhere" / "earthquakes.h5"
     with pytest.raises(DataError, match=r"nowhere/earthquakes\.h5 does not exist.*s3 sync"):
-        cluster.preflight(cfg, data_path=str(missing), tracking_uri="", storage_path=str(tmp_path))
+        preflight.preflight(
+            cfg, data_path=str(missing), tracking_uri="", storage_path=str(tmp_path)
+        )
 
 
 def test_remote_ray_address_counts_as_multi_node(
@@ -151,19 +153,19 @@ def test_remote_ray_address_counts_as_multi_node(
 ) -> None:
     # A Ray Client driver on another machine does not share the cluster's disks.
     remote = load_config(None, ["run.ray_address=ray://203.0.113.7:10001"])
-    assert cluster.is_multi_node(remote)
+    assert preflight.is_multi_node(remote)
     local = load_config(None, ["run.ray_address=127.0.0.1:6379"])
-    assert not cluster.is_multi_node(local)
-    monkeypatch.setenv(cluster.MULTI_NODE_ENV, "1")  # autoscaling cluster, head alone for now
-    assert cluster.is_multi_node(cfg)
+    assert not preflight.is_multi_node(local)
+    monkeypatch.setenv(preflight.MULTI_NODE_ENV, "1")  # autoscaling cluster, head alone for now
+    assert preflight.is_multi_node(cfg)
 
 
 def test_multi_node_env_refuses_local_storage_with_one_node(
     one_node: _Nodes, cfg: ExperimentConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(cluster.MULTI_NODE_ENV, "1")
+    monkeypatch.setenv(preflight.MULTI_NODE_ENV, "1")
     with pytest.raises(ClusterError, match="storage_path"):
-        cluster.preflight(
+        preflight.preflight(
             cfg,
             data_path="",
             tracking_uri="http://10.0.0.5:5000",
@@ -177,10 +179,10 @@ def test_multi_node_env_refuses_local_storage_with_one_node(
 def test_two_nodes_refuse_local_storage(
     two_nodes: _Nodes, cfg: ExperimentConfig, tmp_path: Path, health_server: str
 ) -> None:
-    assert cluster.is_multi_node(cfg)
+    assert preflight.is_multi_node(cfg)
     for local in (str(tmp_path / "ray_results"), "ray_results", f"file://{tmp_path}"):
         with pytest.raises(ClusterError, match=r"storage_path .* local directory.*s3://"):
-            cluster.preflight(cfg, data_path="", tracking_uri=health_server, storage_path=local)
+            preflight.preflight(cfg, data_path="", tracking_uri=health_server, storage_path=local)
 
 
 @pytest.mark.parametrize(
@@ -191,14 +193,14 @@ def test_two_nodes_refuse_local_tracking(
     two_nodes: _Nodes, cfg: ExperimentConfig, uri: str
 ) -> None:
     with pytest.raises(ClusterError, match=r"local store on a multi-node cluster.*http://"):
-        cluster.preflight(cfg, data_path="", tracking_uri=uri, storage_path="s3://bucket/runs")
+        preflight.preflight(cfg, data_path="", tracking_uri=uri, storage_path="s3://bucket/runs")
 
 
 def test_two_nodes_accept_s3_and_a_reachable_server(
     two_nodes: _Nodes, cfg: ExperimentConfig, data_file: str, health_server: str
 ) -> None:
     # Both simulated nodes are this machine, so 127.0.0.1 reaches the same server from each.
-    cluster.preflight(
+    preflight.preflight(
         cfg, data_path=data_file, tracking_uri=health_server, storage_path="s3://bucket/runs"
     )
 
@@ -206,9 +208,9 @@ def test_two_nodes_accept_s3_and_a_reachable_server(
 def test_loopback_tracking_refused_when_nodes_may_be_other_machines(
     two_nodes: _Nodes, cfg: ExperimentConfig, health_server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(cluster.MULTI_NODE_ENV, "1")
+    monkeypatch.setenv(preflight.MULTI_NODE_ENV, "1")
     with pytest.raises(ClusterError, match=r"localhost.*HEAD_PRIVATE_IP"):
-        cluster.preflight(
+        preflight.preflight(
             cfg, data_path="", tracking_uri=health_server, storage_path="s3://bucket/runs"
         )
 
@@ -218,24 +220,24 @@ def test_two_nodes_unreachable_server_named_with_the_node(
 ) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ClusterError, match=r"unreachable from node\(s\) .*ConnectionError"):
-        cluster.preflight(cfg, data_path="", tracking_uri=dead, storage_path="s3://bucket/runs")
+        preflight.preflight(cfg, data_path="", tracking_uri=dead, storage_path="s3://bucket/runs")
 
 
 def test_probe_runs_on_the_other_node_and_finds_missing_data(
     two_nodes: _Nodes, tmp_path: Path, data_file: str
 ) -> None:
     other = two_nodes.second_node_id()
-    plan = cluster._Plan(data_path=data_file)
+    plan = preflight.ProbePlan(data_path=data_file)
     import ray
 
-    probes = cluster._run_probes(plan, exclude=ray.get_runtime_context().get_node_id())
+    probes = preflight.run_probes(plan, exclude=ray.get_runtime_context().get_node_id())
     assert [p.node_id for p in probes] == [other]
     assert probes[0].data_ok
     # The driver's own check comes first in preflight; here only the other node is asked, as
     # when the driver (head) has the file and a GPU node's setup never staged it.
     missing = str(tmp_path / "unstaged.h5")
     with pytest.raises(ClusterError, match=rf"{missing} is missing on node\(s\) .*{other[:8]}"):
-        cluster._check_nodes(data_path=missing, tracking_uri="", storage_path="s3://b/p")
+        preflight.check_nodes(data_path=missing, tracking_uri="", storage_path="s3://b/p")
 
 
 def test_declared_shared_mount_is_verified_and_left_clean(
@@ -247,12 +249,12 @@ def test_declared_shared_mount_is_verified_and_left_clean(
 ) -> None:
     shared = tmp_path / "nfs"
     storage = shared / "quakeray" / "ray_results"
-    monkeypatch.setenv(cluster.SHARED_PATHS_ENV, f"/does/not/matter:{shared}")
-    cluster.preflight(cfg, data_path="", tracking_uri=health_server, storage_path=str(storage))
+    monkeypatch.setenv(preflight.SHARED_PATHS_ENV, f"/does/not/matter:{shared}")
+    preflight.preflight(cfg, data_path="", tracking_uri=health_server, storage_path=str(storage))
     assert list(storage.iterdir()) == []  # the marker file is removed
     # A sibling directory outside the declared mount is still refused.
     with pytest.raises(ClusterError, match="QUAKERAY_SHARED_PATHS"):
-        cluster.preflight(
+        preflight.preflight(
             cfg, data_path="", tracking_uri=health_server, storage_path=str(tmp_path / "local")
         )
 
@@ -260,11 +262,11 @@ def test_declared_shared_mount_is_verified_and_left_clean(
 def test_probe_reports_a_marker_another_node_cannot_see(two_nodes: _Nodes, tmp_path: Path) -> None:
     import ray
 
-    plan = cluster._Plan(marker=str(tmp_path / "written-by-nobody"))
-    probes = cluster._run_probes(plan, exclude=ray.get_runtime_context().get_node_id())
+    plan = preflight.ProbePlan(marker=str(tmp_path / "written-by-nobody"))
+    probes = preflight.run_probes(plan, exclude=ray.get_runtime_context().get_node_id())
     assert probes and not probes[0].storage_ok
     with pytest.raises(ClusterError, match="is not shared"):
-        cluster._raise_for_probes(probes, plan, storage_path=str(tmp_path), tracking_uri="")
+        preflight.raise_for_probes(probes, plan, storage_path=str(tmp_path), tracking_uri="")
 
 
 def test_two_nodes_need_the_statistics_file_everywhere(
@@ -275,11 +277,11 @@ def test_two_nodes_need_the_statistics_file_everywhere(
     stats = Path(data_file + ".stats.json")
     stats.unlink()
     with pytest.raises(ClusterError, match=r"statistics .*stats\.json are missing on node"):
-        cluster.preflight(
+        preflight.preflight(
             cfg, data_path=data_file, tracking_uri=health_server, storage_path="s3://b/p"
         )
     unnormalised = load_config(None, ["data.normalize=false"])
-    cluster.preflight(
+    preflight.preflight(
         unnormalised, data_path=data_file, tracking_uri=health_server, storage_path="s3://b/p"
     )
 

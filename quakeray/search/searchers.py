@@ -1,9 +1,6 @@
-"""The search space and the searchers that walk it.
+"""The searchers a search's trials come from, chained as Tune drives them.
 
-``search.space`` in the config maps dotted config fields to distributions. This module
-checks that every value a distribution can produce makes a valid trial config (before
-any trial starts), turns the space into Optuna distributions, and builds the searcher
-chain Tune drives::
+Chain::
 
     ConcurrencyLimiter( ReferenceFirst( OptunaSearch(TPE) | GridSearcher ) )
 
@@ -13,7 +10,8 @@ point) before the inner searcher proposes anything. They do not go through Optun
 log=True`` at ``ask()`` when an enqueued value lies outside a log distribution, which is
 exactly the MSE-only point (``rank_weight = 0``) against the default
 ``loguniform(1e-2, 10)``. Reference results that do lie inside the space are told to
-Optuna afterwards, so TPE still learns from them.
+Optuna afterwards, so TPE still learns from them. Each wrapper follows Ray's own
+(``ray/tune/search/repeater.py``): a class around ``searcher``, state saved with Tune's.
 """
 
 from __future__ import annotations
@@ -21,137 +19,18 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import math
-import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields, is_dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ray.tune.search import Searcher
 
-from quakeray.config import (
-    ExperimentConfig,
-    SpaceParam,
-    describe_param,
-    from_dict,
-    get_dotted,
-    with_overrides,
-)
-from quakeray.errors import ConfigError, SearchError
+from quakeray.config import ExperimentConfig, SpaceParam, get_dotted
+from quakeray.errors import SearchError
+from quakeray.search.space import REFERENCE_KEY, ReferencePoint, optuna_space, reference_points
 
-if TYPE_CHECKING:
-    from optuna.distributions import BaseDistribution
+__all__ = ["GridSearcher", "ReferenceFirst", "SearcherWrapper", "build_searcher"]
 
 log = logging.getLogger(__name__)
-
-REFERENCE_KEY = "_reference"
-"""Key of a trial's config that names its reference point (absent for sampled trials)."""
-
-
-def sample_of(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A trial config's sampled fields: its marker keys (``_reference``, ...) dropped.
-
-    Config fields are dotted names of real settings and never start with an underscore;
-    the markers quakeray adds to a trial's config always do.
-    """
-    return {k: v for k, v in config.items() if not k.startswith("_")}
-
-
-def trial_config(base: Mapping[str, Any], config: Mapping[str, Any]) -> ExperimentConfig:
-    """A trial's resolved config: the search's config (``to_dict`` form) with its sample.
-
-    Raises:
-        ConfigError: The sample breaks the config (a value out of range, a wrong type).
-    """
-    return with_overrides(from_dict(base, source="search config"), sample_of(config))
-
-
-@dataclass(frozen=True)
-class ReferencePoint:
-    """A configuration every search evaluates first, so its gain over it shows."""
-
-    name: str  # tag value: "mse_only" | "paper"
-    values: dict[str, Any]  # dotted config field -> value
-
-
-REFERENCE_POINTS: tuple[ReferencePoint, ...] = (
-    ReferencePoint("mse_only", {"loss.rank_weight": 0.0}),
-    ReferencePoint("paper", {"loss.margin": 0.02, "loss.rank_weight": 1.0}),
-)
-"""The regression-only baseline and the paper's joint loss (margin 0.02, weight 1)."""
-
-
-def check_space(cfg: ExperimentConfig) -> None:
-    """Reject a space that cannot be searched, before Ray or any trial starts.
-
-    ``config.validate_space`` already rejects unknown fields and bad bounds; this adds
-    what needs the whole config: an empty space, a float distribution over an integer
-    field, choices of a type Optuna cannot store, a grid over non-choice parameters,
-    and any bound or choice that makes an invalid trial config (e.g. ``optim.lr`` from 0).
-
-    Raises:
-        SearchError: One line naming the parameter and the fix.
-    """
-    space = cfg.search.space
-    if not space:
-        raise SearchError(
-            "search.space is empty; open at least one field, e.g. "
-            "search.space.loss.margin={kind: loguniform, low: 0.001, high: 1.0}"
-        )
-    for name, param in space.items():
-        where = f"search.space.{name}"
-        if param.kind in ("uniform", "loguniform") and _field_type(name) is int:
-            raise SearchError(
-                f"{where}: {name} is an integer setting; use kind int or logint, not {param.kind}"
-            )
-        if cfg.search.sampler == "grid" and param.kind != "choice":
-            raise SearchError(
-                f"{where}: search.sampler=grid enumerates choices only; "
-                f"make it a choice list instead of {describe_param(param)}"
-            )
-        for value in _probe_values(param):
-            if param.kind == "choice" and not isinstance(value, (str, int, float, bool)):
-                raise SearchError(
-                    f"{where}: choice {value!r} is a {type(value).__name__}; "
-                    "choices must be strings, numbers or booleans"
-                )
-            try:
-                with_overrides(cfg, {name: value})
-            except ConfigError as exc:
-                raise SearchError(
-                    f"{where}: value {value!r} gives an invalid trial: {exc}"
-                ) from None
-
-
-def optuna_space(space: Mapping[str, SpaceParam]) -> dict[str, BaseDistribution]:
-    """Optuna distributions for ``search.space`` (integer bounds inclusive)."""
-    from optuna.distributions import (
-        CategoricalDistribution,
-        FloatDistribution,
-        IntDistribution,
-    )
-
-    out: dict[str, BaseDistribution] = {}
-    for name, p in space.items():
-        if p.kind == "choice":
-            out[name] = CategoricalDistribution(list(p.choices or []))
-        elif p.kind in ("uniform", "loguniform"):
-            out[name] = FloatDistribution(_num(p.low), _num(p.high), log=p.kind == "loguniform")
-        else:
-            out[name] = IntDistribution(
-                math.ceil(_num(p.low)), math.floor(_num(p.high)), log=p.kind == "logint"
-            )
-    return out
-
-
-def grid_size(space: Mapping[str, SpaceParam]) -> int:
-    """Number of points of the full grid over choice parameters."""
-    return math.prod(len(p.choices or []) for p in space.values())
-
-
-def reference_points(cfg: ExperimentConfig) -> list[ReferencePoint]:
-    """The reference points this search runs first ([] when switched off)."""
-    return list(REFERENCE_POINTS) if cfg.search.reference_points else []
 
 
 def build_searcher(cfg: ExperimentConfig, *, study_name: str, fresh: bool = True) -> Searcher:
@@ -189,16 +68,6 @@ def build_searcher(cfg: ExperimentConfig, *, study_name: str, fresh: bool = True
     base = {name: get_dotted(cfg, name) for name in s.space}
     ref = ReferenceFirst(inner, reference_points(cfg), base_values=base)
     return ConcurrencyLimiter(ref, max_concurrent=s.max_concurrent)
-
-
-def describe_sampler(cfg: ExperimentConfig) -> str:
-    """One-line description of the sampler, for the parent run's params."""
-    if cfg.search.sampler == "grid":
-        return f"grid({grid_size(cfg.search.space)} points, in space order)"
-    return f"optuna.TPESampler(seed={cfg.search.seed})"
-
-
-# --------------------------------------------------------------------------- searchers
 
 
 class SearcherWrapper(Searcher):  # type: ignore[misc]
@@ -271,6 +140,11 @@ class ReferenceFirst(SearcherWrapper):
         self._next = 0
         self._reference_trials: dict[str, str] = {}
         self._base_values = dict(base_values)
+
+    @property
+    def reference_trials(self) -> dict[str, str]:
+        """Trial id -> the reference point it was given (mse_only, paper)."""
+        return dict(self._reference_trials)
 
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         """The next reference point, else the wrapped searcher's suggestion."""
@@ -364,9 +238,6 @@ class GridSearcher(Searcher):  # type: ignore[misc]
             self.set_state(pickle.load(fh))
 
 
-# --------------------------------------------------------------------------- helpers
-
-
 def _inside(searcher: Searcher, params: Mapping[str, Any]) -> bool:
     """Whether every value lies in the Optuna distribution of its parameter."""
     space = getattr(searcher, "_space", None)
@@ -406,33 +277,3 @@ def _optuna_storage(url: str, study_name: str, *, fresh: bool) -> Any:
                 "search.study_name (empty = unique per search) or continue it with --resume"
             )
     return storage
-
-
-def _probe_values(param: SpaceParam) -> list[Any]:
-    """Values worth validating: every choice, or both bounds (as ints for int kinds)."""
-    if param.kind == "choice":
-        return list(param.choices or [])
-    low, high = _num(param.low), _num(param.high)
-    if param.kind in ("int", "logint"):
-        return [math.ceil(low), math.floor(high)]
-    return [low, high]
-
-
-def _num(value: float | None) -> float:
-    if value is None:  # validate_space guarantees bounds; keeps mypy honest
-        raise SearchError("search.space: a numeric distribution needs low and high")
-    return float(value)
-
-
-def _field_type(name: str) -> Any:
-    """The declared type of a dotted config field (``optim.epochs`` -> int)."""
-    cls: Any = ExperimentConfig
-    parts = name.split(".")
-    for part in parts:
-        if not is_dataclass(cls):
-            return None
-        hints = typing.get_type_hints(cls)
-        if part not in {f.name for f in fields(cls)}:
-            return None
-        cls = hints[part]
-    return cls

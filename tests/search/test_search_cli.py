@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from quakeray.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _write(path: Path, text: str) -> Path:

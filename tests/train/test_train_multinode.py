@@ -99,7 +99,8 @@ class _PlacementWatcher:
 
 
 def _fit(cfg: ExperimentConfig, storage: Path, name: str) -> tuple[Any, _PlacementWatcher]:
-    from quakeray.train import build_trainer, prepare_data
+    from quakeray.data.prepare import prepare_data
+    from quakeray.train import build_trainer
 
     data = prepare_data(cfg)
     trainer = build_trainer(

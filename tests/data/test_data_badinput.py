@@ -19,7 +19,7 @@ from quakeray.data.quakeset import QuakeSetDataset
 from quakeray.data.transforms import BatchTransform, compute_stats
 from quakeray.errors import DataError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -1,0 +1,458 @@
+"""``quakeray tune``: hyperparameter search with Ray Tune, Optuna and ASHA, tracked in MLflow.
+
+One search is one Tune experiment in its own folder (:mod:`.state`), one MLflow parent
+run, and one child run per trial (:mod:`.runs`, :mod:`.tracker`). A trial
+(:mod:`.trial`) runs a Ray Train ``TorchTrainer``; epoch metrics reach Tune through
+Train's ``TuneReportCallback``, where ASHA (:mod:`.scheduler`) may stop the trial early
+and Optuna's TPE (:mod:`.searchers`) learns from it. The reference points (MSE only, the
+paper's point) run first. ``quakeray tune --resume FOLDER`` continues an interrupted
+search with ``Tuner.restore`` into the same parent run: finished trials are kept,
+unfinished ones restart (their Train run resumes from its last checkpoint), and the
+searcher keeps its state.
+
+Example:
+    >>> summary = run_search(load_config("experiments/demo.yaml"))  # doctest: +SKIP
+    >>> summary.best.params  # doctest: +SKIP
+    {'loss.margin': 0.031, 'loss.rank_weight': 0.42}
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from quakeray import storage, tracking
+from quakeray.config import ExperimentConfig, get_dotted, replace, to_dict, with_overrides
+from quakeray.data.prepare import PreparedData
+from quakeray.errors import SearchError
+from quakeray.metrics import EPOCH_METRICS, SCORE_METRIC
+from quakeray.search.finalizer import wait_for_finalizers
+from quakeray.search.results import (
+    SearchSummary,
+    best_row,
+    collect_rows,
+    results_list,
+    rows_csv,
+)
+from quakeray.search.runs import child_runs, close_open_children, finish_orphaned_runs
+from quakeray.search.scheduler import build_scheduler, describe_scheduler
+from quakeray.search.searchers import build_searcher
+from quakeray.search.space import (
+    check_metric,
+    check_space,
+    describe_sampler,
+    num_trials,
+    reference_points,
+)
+from quakeray.search.state import (
+    TRAIN_SUBDIR,
+    SearchState,
+    load_search_state,
+    new_search_dir,
+    train_run_dir,
+    write_state,
+)
+from quakeray.search.tracker import TrialRunOpener, TrialRunTracker
+from quakeray.search.trial import TrialSetup, search_trial
+from quakeray.tracking import tags
+
+if TYPE_CHECKING:
+    from ray.tune import ResultGrid, Tuner
+
+__all__ = ["run_search"]
+
+
+@dataclass(frozen=True)
+class _Search:
+    """Where one search lives: its config, folder, MLflow parent run and data."""
+
+    cfg: ExperimentConfig
+    folder: str
+    uri: str
+    experiment_id: str
+    parent: str
+    data: PreparedData
+
+
+def run_search(
+    cfg: ExperimentConfig, resume: str | None = None, *, callbacks: Sequence[Any] = ()
+) -> SearchSummary:
+    """``quakeray tune``: check, start or resume the search, summarise, log, evaluate.
+
+    Args:
+        cfg: The resolved config (ignored with ``resume``: the search's own is used).
+        resume: A search folder to continue (``Tuner.restore``).
+        callbacks: Extra Tune callbacks (driver side) for a new search, run after
+            quakeray's own; a resumed search runs the ones it was started with.
+
+    Returns:
+        The summary (also printed).
+
+    Raises:
+        SearchError: Bad space or settings, a resume folder without a search, or every
+            trial failed.
+        KeyboardInterrupt: Ctrl-C; the search folder is resumable (the command is printed).
+    """
+    t0 = time.monotonic()
+    cfg, resumed = _config_and_state(cfg, resume)
+    check_space(cfg)
+    check_metric(cfg)
+    uri = resumed[1].tracking_uri if resumed else tracking.resolve_tracking_uri(cfg.tracking.uri)
+    tracking.check_tracking(uri)
+    data = resumed[1].data if resumed else _prepare_data(cfg)
+    _check_model(cfg, data)
+    _start_ray(cfg, data, uri)
+    if resumed:
+        search = _reopen(cfg, *resumed, data=data)
+        tuner = _restored_tuner(search)
+    else:
+        search, searcher = _start(cfg, uri, data)
+        tuner = _new_tuner(search, searcher, callbacks)
+    print(f"search folder {search.folder}; MLflow parent run {search.parent} in {uri}", flush=True)
+    results = _fit(tuner, search)
+    try:
+        summary = _finish(search, results)
+    except BaseException as exc:
+        tracking.end_run(
+            uri, search.parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+        )
+        raise
+    tracking.end_run(uri, search.parent, "FINISHED")
+    summary.wall_s = time.monotonic() - t0
+    print(summary.format(top_k=cfg.search.top_k), flush=True)
+    return summary
+
+
+# --------------------------------------------------------------------------- start or resume
+
+
+def _config_and_state(
+    cfg: ExperimentConfig, resume: str | None
+) -> tuple[ExperimentConfig, tuple[str, SearchState] | None]:
+    """The search's config, and (folder, state) when resuming one."""
+    if resume:
+        folder, state = load_search_state(resume)
+        cfg = state.experiment_config
+        print(f"resuming search {cfg.search.name} in {folder}", flush=True)
+        return cfg, (folder, state)
+    # The search's MLflow experiment is its name; the trials' params say so too.
+    cfg = replace(cfg, tracking=replace(cfg.tracking, experiment=cfg.search.name))
+    print("resolved config:\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False), flush=True)
+    return cfg, None
+
+
+def _prepare_data(cfg: ExperimentConfig) -> PreparedData:
+    from quakeray.data.prepare import prepare_data
+
+    return prepare_data(cfg)
+
+
+def _check_model(cfg: ExperimentConfig, data: PreparedData) -> None:
+    from quakeray.preflight import check_model
+
+    check_model(cfg, data)
+
+
+def _start_ray(cfg: ExperimentConfig, data: PreparedData, uri: str) -> None:
+    """A Ray that holds ``max_concurrent`` trials at once, and a cluster preflight."""
+    from quakeray.preflight import preflight
+    from quakeray.runtime import check_resources, init_ray, local_num_cpus, ray_address
+
+    s = cfg.search
+    concurrent = max(1, min(s.max_concurrent, num_trials(cfg)))
+    ray_cfg = cfg
+    if not ray_address(cfg) and not cfg.run.num_cpus:
+        cpus = local_num_cpus(cfg, extra_cpus=s.trial_cpus, concurrent=concurrent)
+        ray_cfg = replace(cfg, run=replace(cfg.run, num_cpus=cpus))
+    init_ray(ray_cfg, extra_cpus=s.trial_cpus)
+    check_resources(cfg, concurrent=concurrent, extra_cpus=s.trial_cpus)
+    preflight(
+        cfg,
+        data_path=data.path,
+        tracking_uri=uri,
+        storage_path=storage.resolve(cfg.run.storage_path),
+    )
+
+
+def _start(cfg: ExperimentConfig, uri: str, data: PreparedData) -> tuple[_Search, Any]:
+    """A new search: its folder, searcher, parent run and state file (in that order)."""
+    s = cfg.search
+    # Everything that can refuse the search runs before its folder and parent run exist.
+    folder = new_search_dir(storage.resolve(cfg.run.storage_path), s.name)
+    study = s.study_name or storage.name(folder)
+    try:
+        searcher = build_searcher(cfg, study_name=study, fresh=True)
+    except BaseException:
+        storage.remove_empty_dir(folder)
+        raise
+    experiment_id = tracking.get_or_create_experiment(uri, s.name)
+    parent = tracking.start_run(
+        uri,
+        experiment_id,
+        run_name=storage.name(folder),
+        tags={tags.ROLE: "search", tags.SEARCH: s.name, tags.SEARCH_DIR: folder},
+    )
+    state = SearchState(
+        config=to_dict(cfg),
+        tracking_uri=uri,
+        experiment_id=experiment_id,
+        parent_run_id=parent,
+        data_path=data.path,
+        stats_path=data.stats_path,
+        study_name=study,
+    )
+    write_state(folder, state)
+    tracking.log_config(uri, parent, cfg)
+    tracking.RunLogger(uri, parent).log_params(
+        {
+            "tune.sampler": describe_sampler(cfg),
+            "tune.scheduler": describe_scheduler(cfg),
+            "tune.trials": num_trials(cfg),
+            "tune.reference_points": ", ".join(p.name for p in reference_points(cfg)) or "none",
+            "tune.search_dir": folder,
+            "optuna.study_name": study,
+            "optuna.storage": s.optuna_storage or "memory",
+        }
+    )
+    search = _Search(cfg, folder, uri, experiment_id, parent, data)
+    opener = TrialRunOpener(
+        searcher,
+        uri=uri,
+        experiment_id=experiment_id,
+        parent_run_id=parent,
+        search_name=s.name,
+        base=cfg,
+    )
+    return search, opener
+
+
+def _reopen(
+    cfg: ExperimentConfig, folder: str, state: SearchState, *, data: PreparedData
+) -> _Search:
+    """A resumed search: its parent run RUNNING again."""
+    tracking.mlflow_client(state.tracking_uri).update_run(state.parent_run_id, status="RUNNING")
+    return _Search(cfg, folder, state.tracking_uri, state.experiment_id, state.parent_run_id, data)
+
+
+# --------------------------------------------------------------------------- the tuner
+
+
+def _trainable(search: _Search) -> Any:
+    from ray import tune
+
+    setup = TrialSetup(
+        base=search.cfg,
+        tracking_uri=search.uri,
+        data=search.data,
+        train_storage=storage.join(search.folder, TRAIN_SUBDIR),
+        test_trials=search.cfg.search.test_trials,
+    )
+    return tune.with_resources(
+        tune.with_parameters(search_trial, setup=setup), {"cpu": search.cfg.search.trial_cpus}
+    )
+
+
+def _new_tuner(search: _Search, searcher: Any, callbacks: Sequence[Any]) -> Tuner:
+    from ray import tune
+
+    s = search.cfg.search
+    tracker = TrialRunTracker(
+        search.uri,
+        search.experiment_id,
+        search.parent,
+        base=search.cfg,
+        metric_names=EPOCH_METRICS,
+        score_metric=SCORE_METRIC,
+        train_storage=storage.join(search.folder, TRAIN_SUBDIR),
+    )
+    return tune.Tuner(
+        _trainable(search),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=build_scheduler(search.cfg),
+            metric=s.metric,
+            mode=s.mode,
+            num_samples=num_trials(search.cfg),
+        ),
+        run_config=tune.RunConfig(
+            name=storage.name(search.folder),
+            storage_path=storage.parent(search.folder),
+            callbacks=[tracker, *callbacks],
+            # Trials do not retry at Tune level: Train restarts failed workers itself.
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
+
+
+def _restored_tuner(search: _Search) -> Tuner:
+    from ray import tune
+
+    return tune.Tuner.restore(
+        search.folder,
+        _trainable(search),
+        resume_unfinished=True,
+        resume_errored=False,
+        restart_errored=False,
+    )
+
+
+def _fit(tuner: Tuner, search: _Search) -> ResultGrid:
+    """``tuner.fit()``; an interrupted search closes its open runs and says how to resume.
+
+    Raises:
+        KeyboardInterrupt: Ctrl-C (or SIGTERM), during the fit or caught by Tune.
+    """
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        try:
+            results = tuner.fit()
+        finally:
+            # Ended trials' runs are closed before anything reads runs or closes the rest.
+            wait_for_finalizers()
+        interrupted = _tune_was_interrupted()
+    except BaseException as exc:
+        # Trials still open were cut off with the driver: cancelled, resumable.
+        _stop(search, by_user=isinstance(exc, KeyboardInterrupt))
+        raise
+    finally:
+        # Tune leaves its own SIGINT handler behind, which would swallow a later Ctrl-C.
+        _restore_sigint(handler)
+    if interrupted:
+        _stop(search, by_user=True)
+        raise KeyboardInterrupt
+    return results
+
+
+def _stop(search: _Search, *, by_user: bool) -> None:
+    close_open_children(search.uri, search.experiment_id, search.parent)
+    tracking.end_run(search.uri, search.parent, "KILLED" if by_user else "FAILED")
+    if by_user:
+        print(f"interrupted; continue with: quakeray tune --resume {search.folder}", flush=True)
+
+
+def _tune_was_interrupted() -> bool:
+    """Whether ``Tuner.fit`` returned because of Ctrl-C (SIGINT) or SIGUSR1.
+
+    Tune reports an interruption only in a log line, and its returned trials all look
+    TERMINATED (it stops live trials on the way out). But its signal handler, installed
+    for the duration of ``fit`` on the main thread, puts the previous handler back when
+    the signal arrives, and stays installed otherwise.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    if int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0")):
+        return False
+    current = signal.getsignal(signal.SIGINT)
+    return getattr(current, "__name__", "") != "signal_interrupt_tune_run"
+
+
+def _restore_sigint(handler: Any) -> None:
+    if threading.current_thread() is threading.main_thread() and handler is not None:
+        signal.signal(signal.SIGINT, handler)
+
+
+# --------------------------------------------------------------------------- the end
+
+
+def _finish(search: _Search, results: ResultGrid) -> SearchSummary:
+    """Close every trial run, log the results to the parent, pick and test the best."""
+    cfg, s = search.cfg, search.cfg.search
+    finish_orphaned_runs(
+        search.uri,
+        search.experiment_id,
+        search.parent,
+        results,
+        base=cfg,
+        train_storage=storage.join(search.folder, TRAIN_SUBDIR),
+    )
+    # Nobody stays RUNNING, whatever happened.
+    close_open_children(search.uri, search.experiment_id, search.parent)
+    shown = [*s.space, *(k for p in reference_points(cfg) for k in p.values)]
+    rows = collect_rows(
+        results,
+        child_runs(search.uri, search.experiment_id, search.parent),
+        metric=s.metric,
+        base_values={k: get_dotted(cfg, k) for k in shown},
+    )
+    summary = SearchSummary(
+        name=s.name,
+        search_dir=search.folder,
+        tracking_uri=search.uri,
+        experiment_id=search.experiment_id,
+        parent_run_id=search.parent,
+        metric=s.metric,
+        mode=s.mode,
+        rows=rows,
+        best=best_row(results, rows, s.metric, s.mode),
+        best_checkpoint=None,
+    )
+    _log_results(search, summary)
+    if summary.best is None:
+        errors = [r.error for r in results_list(results) if r.error is not None]
+        first = (
+            str(errors[0]).strip().splitlines()[-1][:200]
+            if errors
+            else "no trial reported a metric"
+        )
+        raise SearchError(f"all {len(rows)} trials failed ({first}); see {search.folder}")
+    _log_best(search, summary)
+    return summary
+
+
+def _log_results(search: _Search, summary: SearchSummary) -> None:
+    """The parent run gets ``results.csv``, the search's figures and the trial counts."""
+    from quakeray.plots import history_figure, margin_weight_figure
+
+    metric, rows = summary.metric, summary.rows
+    logger = tracking.RunLogger(search.uri, search.parent)
+    logger.log_text(rows_csv(rows, metric=metric), "results.csv")
+    logger.log_figure(
+        history_figure(rows, metric=metric, mode=summary.mode), "plots/optimisation_history.png"
+    )
+    surface = margin_weight_figure(rows, metric=metric)
+    if surface is not None:
+        logger.log_figure(surface, f"plots/{metric}_margin_weight.png")
+    logger.log_metrics(
+        {f"trials_{k}": v for k, v in summary.counts().items()}
+        | {"trial_epochs": sum(r.epochs for r in rows)},
+        step=0,
+    )
+
+
+def _log_best(search: _Search, summary: SearchSummary) -> None:
+    """The best trial's value, tags, config and checkpoint on the parent; its test score."""
+    from quakeray.checkpoint import best_checkpoint
+
+    best, metric = summary.best, summary.metric
+    assert best is not None
+    run_dir = train_run_dir(search.folder, best.trial_id)
+    # Scanning for checkpoints is local-only; on a URI the trial's tag is the answer.
+    local_best = None if storage.is_remote(run_dir) else best_checkpoint(run_dir)
+    checkpoint = best.checkpoint or str(local_best or "")
+    summary.best_checkpoint = checkpoint or None
+    logger = tracking.RunLogger(search.uri, search.parent)
+    logger.log_metrics({f"best_{metric}": float(best.value or math.nan)}, step=0)
+    logger.set_tags(
+        {
+            tags.BEST_TRIAL_ID: best.trial_id,
+            tags.BEST_RUN_ID: best.run_id,
+            tags.BEST_CHECKPOINT: checkpoint,
+        }
+        | {f"best.{k}": v for k, v in best.params.items()}
+    )
+    best_cfg = with_overrides(search.cfg, best.params)
+    logger.log_text(yaml.safe_dump(to_dict(best_cfg), sort_keys=False), "best_config.yaml")
+    if search.cfg.search.evaluate_best and checkpoint:
+        from quakeray.evaluate import evaluate_checkpoint
+
+        evaluated = evaluate_checkpoint(checkpoint, split="test", data_path=search.data.path)
+        summary.test_metrics = dict(evaluated.metrics)
+        logger.log_metrics(summary.test_metrics, step=0)

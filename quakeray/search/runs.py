@@ -1,0 +1,264 @@
+"""MLflow runs of a search: one parent run, one child run per trial, none left RUNNING.
+
+The driver does all of a search's MLflow work; trials and their Train workers do none.
+This keeps MLflow (1.5 s of imports and store set-up in a fresh process) off every
+trial's critical path, and gives the tracking store a single writer per search:
+
+- the driver opens and closes the **parent** run (reopened on ``--resume``);
+- :class:`~quakeray.search.tracker.TrialRunOpener`, the outermost searcher, opens a
+  trial's **child** run when it suggests the trial and hands the run id to the trial in
+  its config (:data:`RUN_KEY`), so the trial's checkpoints name their run;
+- :class:`~quakeray.search.tracker.TrialRunTracker`, a Tune callback, logs every
+  result's epoch metrics into the child run, reopens the run of a restarted trial (no
+  duplicates), and closes it through :func:`finish_trial_run` on the finaliser thread
+  (:mod:`quakeray.search.finalizer`): completed trials and those stopped early by ASHA
+  first get their best checkpoint's outputs, then end ``completed`` or ``stopped``;
+  failed trials end ``failed`` with their error;
+- :func:`finish_orphaned_runs` finishes, at the search's end, the runs of trials Tune
+  saved as ended before a killed driver's finaliser closed them;
+- trials cut off with the driver (Ctrl-C, an error in Tune) are closed ``cancelled`` by
+  :func:`close_open_children` once ``Tuner.fit`` returns or raises (Tune marks them
+  TERMINATED on its way out, so a callback cannot tell them apart). After a killed driver
+  their runs stay RUNNING until ``--resume`` restarts those trials into them.
+
+Statuses (tag ``quakeray.status``, with the MLflow run status in brackets): ``running``,
+``completed`` (FINISHED), ``stopped`` (FINISHED: a valid, shorter run), ``failed``
+(FAILED), ``cancelled`` (KILLED).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+from quakeray import storage, tracking
+from quakeray.config import ExperimentConfig
+from quakeray.metrics import SCORE_METRIC
+from quakeray.search.finalizer import pending_runs
+from quakeray.search.space import trial_config
+from quakeray.tracking import outputs, tags
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+
+__all__ = [
+    "CHECKPOINT_KEY",
+    "MLFLOW_STATUS",
+    "RUN_KEY",
+    "TrialStatus",
+    "child_runs",
+    "close_open_children",
+    "close_trial_run",
+    "find_trial_run",
+    "finish_orphaned_runs",
+    "finish_trial_run",
+    "open_trial_run",
+    "reopen_trial_run",
+]
+
+log = logging.getLogger(__name__)
+
+TrialStatus = Literal["running", "completed", "stopped", "failed", "cancelled"]
+
+RUN_KEY = "_mlflow_run_id"
+"""Key of a trial's config holding its child run's id (set by the run opener)."""
+
+CHECKPOINT_KEY = "checkpoint_path"
+"""Key of a Tune result holding the checkpoint reported with it (Train's Tune callback)."""
+
+MLFLOW_STATUS: dict[TrialStatus, tracking.RunStatus] = {
+    "completed": "FINISHED",
+    "stopped": "FINISHED",
+    "failed": "FAILED",
+    "cancelled": "KILLED",
+}
+
+
+def finish_trial_run(
+    uri: str,
+    run_id: str,
+    *,
+    base: ExperimentConfig,
+    config: Mapping[str, Any],
+    checkpoint: str | None,
+    status: TrialStatus,
+    trial_id: str,
+) -> None:
+    """Finalise a still-RUNNING trial run from its best ``checkpoint``, then close it."""
+    if checkpoint is not None and tracking.run_status(uri, run_id) == "RUNNING":
+        try:
+            outputs.finalize_run(uri, run_id, trial_config(base, config), checkpoint)
+        except Exception as exc:  # the run keeps its metrics; say what is missing
+            log.warning("trial %s: could not log its best checkpoint", trial_id)
+            tracking.RunLogger(uri, run_id).set_tags(
+                {tags.ERROR: f"finalize: {type(exc).__name__}: {exc}"}
+            )
+    close_trial_run(uri, run_id, status, only_if_running=True)
+
+
+def find_trial_run(uri: str, experiment_id: str, parent_run_id: str, trial_id: str) -> Run | None:
+    """The child run of ``trial_id`` under ``parent_run_id``, or None."""
+    runs = tracking.mlflow_client(uri).search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.`{tags.TRIAL_ID}` = '{trial_id}' "
+            f"and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+        ),
+        max_results=2,
+    )
+    if len(runs) > 1:
+        log.warning("trial %s has %d MLflow runs; using the first", trial_id, len(runs))
+    return runs[0] if runs else None
+
+
+def child_runs(uri: str, experiment_id: str, parent_run_id: str) -> list[Run]:
+    """All child runs of a search, oldest first."""
+    return list(
+        tracking.mlflow_client(uri).search_runs(
+            [experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+            order_by=["attributes.start_time ASC"],
+            max_results=10_000,
+        )
+    )
+
+
+def open_trial_run(
+    uri: str,
+    experiment_id: str,
+    parent_run_id: str,
+    trial_id: str,
+    *,
+    run_name: str,
+    extra_tags: Mapping[str, str] | None = None,
+) -> str:
+    """Create the child run of a trial, or reopen it when Tune restarts the trial.
+
+    Returns:
+        The run id; the run is RUNNING with status tag ``running``.
+    """
+    existing = find_trial_run(uri, experiment_id, parent_run_id, trial_id)
+    if existing is not None:
+        reopen_trial_run(uri, existing)
+        return str(existing.info.run_id)
+    all_tags = {tags.ROLE: "trial", tags.TRIAL_ID: trial_id, tags.STATUS: "running"}
+    all_tags.update(extra_tags or {})
+    return tracking.start_run(
+        uri, experiment_id, run_name=run_name, parent_run_id=parent_run_id, tags=all_tags
+    )
+
+
+def reopen_trial_run(uri: str, run: Run) -> None:
+    """RUNNING again, status tag ``running``, one more restart counted."""
+    run_id = str(run.info.run_id)
+    restarts = int(run.data.tags.get(tags.RESTARTS, "0")) + 1
+    client = tracking.mlflow_client(uri)
+    client.update_run(run_id, status="RUNNING")
+    client.set_tag(run_id, tags.STATUS, "running")
+    client.set_tag(run_id, tags.RESTARTS, str(restarts))
+
+
+def close_trial_run(
+    uri: str,
+    run_id: str,
+    status: TrialStatus,
+    *,
+    error: str | None = None,
+    only_if_running: bool = False,
+) -> bool:
+    """End a child run with ``status``; returns whether it changed anything.
+
+    Args:
+        uri: Tracking URI.
+        run_id: The child run.
+        status: Final trial status (not ``running``).
+        error: Error text for failed trials (first line kept).
+        only_if_running: Leave a run that someone else already closed untouched (e.g. a
+            trial unwinding after the driver marked it stopped).
+    """
+    client = tracking.mlflow_client(uri)
+    if only_if_running and client.get_run(run_id).info.status != "RUNNING":
+        return False
+    client.set_tag(run_id, tags.STATUS, status)
+    if error:
+        first = (error.strip().splitlines() or [""])[-1][:500]
+        client.set_tag(run_id, tags.ERROR, first)
+    tracking.end_run(uri, run_id, MLFLOW_STATUS[status])
+    return True
+
+
+def finish_orphaned_runs(
+    uri: str,
+    experiment_id: str,
+    parent_run_id: str,
+    results: Any,
+    *,
+    base: ExperimentConfig,
+    train_storage: str,
+) -> int:
+    """Finalise and close the runs of trials Tune ended but no finaliser closed.
+
+    Tune saves a trial as ended while the finaliser thread may still hold its run; a
+    driver killed then leaves the run RUNNING, and ``--resume`` does not rerun the trial.
+    Its best reported checkpoint comes from Tune's record of its results.
+
+    Args:
+        uri: The tracking URI.
+        experiment_id: The search's experiment.
+        parent_run_id: The search's parent run.
+        results: Tune's results (``ResultGrid``): ``config``, ``error``,
+            ``metrics_dataframe``.
+        base: The search's resolved config.
+        train_storage: Where the trials' Train runs are (gives checkpoints their scheme).
+
+    Returns:
+        How many runs were finished here.
+    """
+    import pandas as pd
+
+    ended = {
+        str(r.config[RUN_KEY]): r
+        for r in (results[i] for i in range(len(results)))  # a ResultGrid is indexed only
+        if r.error is None and (getattr(r, "config", None) or {}).get(RUN_KEY)
+    }
+    pending, finished = pending_runs(), 0
+    for run in child_runs(uri, experiment_id, parent_run_id):
+        result = ended.get(run.info.run_id)
+        if run.info.status != "RUNNING" or result is None or run.info.run_id in pending:
+            continue
+        frame = result.metrics_dataframe
+        frame = frame if isinstance(frame, pd.DataFrame) else pd.DataFrame()
+        checkpoint, epochs = None, 0
+        if "epoch" in frame and frame["epoch"].notna().any():
+            epochs = int(frame["epoch"].max()) + 1
+        if {SCORE_METRIC, CHECKPOINT_KEY} <= set(frame.columns):
+            scored = frame.dropna(subset=[SCORE_METRIC, CHECKPOINT_KEY])
+            if len(scored):
+                best = scored.loc[scored[SCORE_METRIC].idxmin(), CHECKPOINT_KEY]
+                checkpoint = storage.with_scheme_of(str(best), train_storage)
+        trial_id = run.data.tags.get(tags.TRIAL_ID, "?")
+        try:
+            planned = trial_config(base, result.config).optim.epochs
+            finish_trial_run(
+                uri,
+                run.info.run_id,
+                base=base,
+                config=result.config,
+                checkpoint=checkpoint,
+                status="stopped" if epochs < planned else "completed",
+                trial_id=trial_id,
+            )
+        except Exception:  # the search closes it as cancelled instead
+            log.warning("could not finish the run of trial %s", trial_id, exc_info=True)
+            continue
+        finished += 1
+    return finished
+
+
+def close_open_children(uri: str, experiment_id: str, parent_run_id: str) -> None:
+    """Close the runs still RUNNING as ``cancelled``, but for those being finalised."""
+    finalising = pending_runs()  # a second Ctrl-C cut the wait for them short
+    for run in child_runs(uri, experiment_id, parent_run_id):
+        if run.info.status == "RUNNING" and run.info.run_id not in finalising:
+            close_trial_run(uri, run.info.run_id, "cancelled")

@@ -1,0 +1,213 @@
+"""The search space: what a search varies, the reference points it runs first, and checks.
+
+``search.space`` in the config maps dotted config fields to distributions. This module
+checks that every value a distribution can produce makes a valid trial config (before
+any trial starts), turns the space into Optuna distributions, and builds a trial's
+config from its sample. The reference points (MSE only, the paper's point) are served by
+:class:`quakeray.search.searchers.ReferenceFirst`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from quakeray.config import (
+    ExperimentConfig,
+    SpaceParam,
+    describe_param,
+    field_type,
+    with_overrides,
+)
+from quakeray.errors import ConfigError, SearchError
+from quakeray.metrics import EPOCH_METRICS
+
+if TYPE_CHECKING:
+    from optuna.distributions import BaseDistribution
+
+__all__ = [
+    "REFERENCE_KEY",
+    "REFERENCE_POINTS",
+    "ReferencePoint",
+    "check_metric",
+    "check_space",
+    "describe_sampler",
+    "grid_size",
+    "num_trials",
+    "optuna_space",
+    "reference_points",
+    "sample_of",
+    "trial_config",
+]
+
+log = logging.getLogger(__name__)
+
+REFERENCE_KEY = "_reference"
+"""Key of a trial's config that names its reference point (absent for sampled trials)."""
+
+
+def sample_of(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial config's sampled fields: its marker keys (``_reference``, ...) dropped.
+
+    Config fields are dotted names of real settings and never start with an underscore;
+    the markers quakeray adds to a trial's config always do.
+    """
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def trial_config(base: ExperimentConfig, config: Mapping[str, Any]) -> ExperimentConfig:
+    """A trial's resolved config: the search's config with the trial's sample.
+
+    Raises:
+        ConfigError: The sample breaks the config (a value out of range, a wrong type).
+    """
+    return with_overrides(base, sample_of(config))
+
+
+@dataclass(frozen=True)
+class ReferencePoint:
+    """A configuration every search evaluates first, so its gain over it shows."""
+
+    name: str  # tag value: "mse_only" | "paper"
+    values: dict[str, Any]  # dotted config field -> value
+
+
+REFERENCE_POINTS: tuple[ReferencePoint, ...] = (
+    ReferencePoint("mse_only", {"loss.rank_weight": 0.0}),
+    ReferencePoint("paper", {"loss.margin": 0.02, "loss.rank_weight": 1.0}),
+)
+"""The regression-only baseline and the paper's joint loss (margin 0.02, weight 1)."""
+
+
+def check_space(cfg: ExperimentConfig) -> None:
+    """Reject a space that cannot be searched, before Ray or any trial starts.
+
+    ``config.validate_space`` already rejects unknown fields and bad bounds; this adds
+    what needs the whole config: an empty space, a float distribution over an integer
+    field, choices of a type Optuna cannot store, a grid over non-choice parameters,
+    and any bound or choice that makes an invalid trial config (e.g. ``optim.lr`` from 0).
+
+    Raises:
+        SearchError: One line naming the parameter and the fix.
+    """
+    space = cfg.search.space
+    if not space:
+        raise SearchError(
+            "search.space is empty; open at least one field, e.g. "
+            "search.space.loss.margin={kind: loguniform, low: 0.001, high: 1.0}"
+        )
+    for name, param in space.items():
+        where = f"search.space.{name}"
+        if param.kind in ("uniform", "loguniform") and field_type(name) is int:
+            raise SearchError(
+                f"{where}: {name} is an integer setting; use kind int or logint, not {param.kind}"
+            )
+        if cfg.search.sampler == "grid" and param.kind != "choice":
+            raise SearchError(
+                f"{where}: search.sampler=grid enumerates choices only; "
+                f"make it a choice list instead of {describe_param(param)}"
+            )
+        for value in _probe_values(param):
+            if param.kind == "choice" and not isinstance(value, (str, int, float, bool)):
+                raise SearchError(
+                    f"{where}: choice {value!r} is a {type(value).__name__}; "
+                    "choices must be strings, numbers or booleans"
+                )
+            try:
+                with_overrides(cfg, {name: value})
+            except ConfigError as exc:
+                raise SearchError(
+                    f"{where}: value {value!r} gives an invalid trial: {exc}"
+                ) from None
+
+
+def optuna_space(space: Mapping[str, SpaceParam]) -> dict[str, BaseDistribution]:
+    """Optuna distributions for ``search.space`` (integer bounds inclusive)."""
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
+
+    out: dict[str, BaseDistribution] = {}
+    for name, p in space.items():
+        if p.kind == "choice":
+            out[name] = CategoricalDistribution(list(p.choices or []))
+        elif p.kind in ("uniform", "loguniform"):
+            out[name] = FloatDistribution(_num(p.low), _num(p.high), log=p.kind == "loguniform")
+        else:
+            out[name] = IntDistribution(
+                math.ceil(_num(p.low)), math.floor(_num(p.high)), log=p.kind == "logint"
+            )
+    return out
+
+
+def grid_size(space: Mapping[str, SpaceParam]) -> int:
+    """Number of points of the full grid over choice parameters."""
+    return math.prod(len(p.choices or []) for p in space.values())
+
+
+def reference_points(cfg: ExperimentConfig) -> list[ReferencePoint]:
+    """The reference points this search runs first ([] when switched off)."""
+    return list(REFERENCE_POINTS) if cfg.search.reference_points else []
+
+
+def describe_sampler(cfg: ExperimentConfig) -> str:
+    """One-line description of the sampler, for the parent run's params."""
+    if cfg.search.sampler == "grid":
+        return f"grid({grid_size(cfg.search.space)} points, in space order)"
+    return f"optuna.TPESampler(seed={cfg.search.seed})"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _probe_values(param: SpaceParam) -> list[Any]:
+    """Values worth validating: every choice, or both bounds (as ints for int kinds)."""
+    if param.kind == "choice":
+        return list(param.choices or [])
+    low, high = _num(param.low), _num(param.high)
+    if param.kind in ("int", "logint"):
+        return [math.ceil(low), math.floor(high)]
+    return [low, high]
+
+
+def _num(value: float | None) -> float:
+    if value is None:  # validate_space guarantees bounds; keeps mypy honest
+        raise SearchError("search.space: a numeric distribution needs low and high")
+    return float(value)
+
+
+def check_metric(cfg: ExperimentConfig) -> None:
+    """``search.metric`` must be one the trials report (else Tune fails every trial).
+
+    Raises:
+        SearchError: Unknown metric, with a did-you-mean.
+    """
+    if cfg.search.metric in EPOCH_METRICS:
+        return
+    lower = {name.lower(): name for name in EPOCH_METRICS}
+    close = difflib.get_close_matches(cfg.search.metric.lower(), list(lower), n=1)
+    hint = (
+        f"; did you mean '{lower[close[0]]}'?"
+        if close
+        else f"; use one of {', '.join(EPOCH_METRICS)}"
+    )
+    raise SearchError(f"search.metric {cfg.search.metric!r} is not reported by trials{hint}")
+
+
+def num_trials(cfg: ExperimentConfig) -> int:
+    """Trials to run: ``num_samples``, capped by the grid size for a grid search."""
+    s = cfg.search
+    if s.sampler != "grid":
+        return s.num_samples
+    available = grid_size(s.space) + len(reference_points(cfg))
+    if s.num_samples > available:
+        log.warning(
+            "grid holds %d points; running %d trials, not %d", available, available, s.num_samples
+        )
+    return min(s.num_samples, available)

@@ -1,0 +1,24 @@
+"""Training one backbone with Ray Train: the command, the trainer, the worker loop.
+
+- :mod:`.command`: ``quakeray train`` (checks, one MLflow run around one fit, the summary);
+- :mod:`.trainer`: the ``TorchTrainer`` for a config, its ``fit``, its best checkpoint;
+- :mod:`.loop`: the worker loop and :class:`LoopConfig`, the driver-to-worker contract;
+- :mod:`.parts`: what the loop builds before its first epoch; :mod:`.epoch`: one epoch.
+"""
+
+from __future__ import annotations
+
+from quakeray.train.command import RUN_INFO_FILE, TrainSummary, run_training
+from quakeray.train.loop import LoopConfig, train_loop_per_worker
+from quakeray.train.trainer import best_checkpoint_path, build_trainer, fit
+
+__all__ = [
+    "RUN_INFO_FILE",
+    "LoopConfig",
+    "TrainSummary",
+    "best_checkpoint_path",
+    "build_trainer",
+    "fit",
+    "run_training",
+    "train_loop_per_worker",
+]

@@ -1,0 +1,240 @@
+"""``quakeray train``: check everything, train one backbone with Ray Train, track it, summarise.
+
+Cheapest checks first, then one MLflow run around one ``fit``, closed FINISHED, FAILED or
+KILLED. A rerun with the same ``run.name`` continues that run's checkpoints in the same
+MLflow run (its folder's ``quakeray_run.json`` names it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from quakeray import storage
+from quakeray.checkpoint import (
+    check_compatible,
+    find_checkpoints,
+    load_checkpoint,
+    read_metrics,
+    resolve_state_file,
+)
+from quakeray.config import ExperimentConfig, to_dict
+from quakeray.data.prepare import PreparedData, prepare_data
+from quakeray.errors import CheckpointError
+from quakeray.train.trainer import best_checkpoint_path, build_trainer, fit
+
+__all__ = ["RUN_INFO_FILE", "TrainSummary", "run_training"]
+
+log = logging.getLogger(__name__)
+
+RUN_INFO_FILE = "quakeray_run.json"
+"""Written into ``<storage>/<run name>/``: the MLflow run of that Train run, so a rerun
+with the same ``run.name`` resumes into the same MLflow run."""
+
+
+@dataclass
+class TrainSummary:
+    """What ``quakeray train`` produced."""
+
+    run_name: str
+    run_dir: str
+    best_checkpoint: str | None
+    best_epoch: int | None
+    best_metrics: dict[str, float]
+    last_metrics: dict[str, float]
+    mlflow_run_id: str
+    tracking_uri: str
+    wall_s: float
+
+    def format(self) -> str:
+        """The end-of-run summary printed to the user."""
+        from quakeray.tracking import mlflow_ui_command
+
+        lines = [f"run {self.run_name} finished in {self.wall_s:.0f} s"]
+        if self.best_epoch is not None:
+            lines.append(f"  best epoch       {self.best_epoch + 1}")
+        for key in ("val_MAE", "val_RMSE", "val_spearman", "val_rank_acc", "val_detection_acc"):
+            if key in self.best_metrics:
+                lines.append(f"  {key:<16} {self.best_metrics[key]:.4f}")
+        lines.append(f"  best checkpoint  {self.best_checkpoint}")
+        lines.append(f"  MLflow run       {self.mlflow_run_id} in {self.tracking_uri}")
+        lines.append(f"  browse with      {mlflow_ui_command(self.tracking_uri)}")
+        return "\n".join(lines)
+
+
+def run_training(cfg: ExperimentConfig, resume: str | None = None) -> TrainSummary:
+    """``quakeray train``: check everything, train, track, summarise.
+
+    Order, cheapest checks first: print the resolved config; check the tracking store;
+    check ``--resume`` (and the checkpoints a rerun of ``run.name`` resumes); start or
+    join Ray and check its resources; prepare data; check the model builds; cluster
+    preflight; open the MLflow run and log the config; fit; log the best checkpoint's
+    outputs; close the run FINISHED (FAILED on error, KILLED on Ctrl-C).
+
+    Raises:
+        QuakerayError: Any bad input, before training where it can be known then.
+    """
+    from quakeray import tracking
+    from quakeray.tracking.outputs import finalize_run
+
+    t0 = time.monotonic()
+    print("resolved config:\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False), flush=True)
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    tracking.check_tracking(uri)
+    resume_from = _check_resume(cfg, resume)
+    location = storage.resolve(cfg.run.storage_path)
+    name = cfg.run.name or f"train-{_slug(cfg.model.backbone)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = storage.join(location, name)
+    _check_rerun(cfg, run_dir, name)
+    data = _prepare_cluster_and_data(cfg, uri=uri, location=location)
+    run_id, new_run = _open_run(cfg, uri, run_dir, name=name, resume_from=resume_from)
+    # From here on the run is RUNNING: every exit path must close it.
+    try:
+        if new_run:
+            tracking.log_config(uri, run_id, cfg)
+            _write_run_info(run_dir, uri, run_id)
+        print(f"MLflow run {run_id} in {uri}; checkpoints in {run_dir}", flush=True)
+        trainer = build_trainer(
+            cfg,
+            data=data,
+            name=name,
+            storage_path=location,
+            tracking_uri=uri,
+            mlflow_run_id=run_id,
+            resume_from=resume_from,
+        )
+        result = fit(trainer)
+        best = best_checkpoint_path(result, run_dir=run_dir)
+        if best is None:
+            raise CheckpointError(f"training wrote no checkpoint under {run_dir}")
+        finalize_run(uri, run_id, cfg, best)
+    except BaseException as exc:
+        tracking.end_run(uri, run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    tracking.end_run(uri, run_id, "FINISHED")
+    summary = _summary(result, best, name=name, run_dir=run_dir, run_id=run_id, uri=uri)
+    summary.wall_s = time.monotonic() - t0
+    print(summary.format(), flush=True)
+    return summary
+
+
+def _check_resume(cfg: ExperimentConfig, resume: str | None) -> str | None:
+    """The ``--resume`` checkpoint folder, once it is known to fit ``cfg``."""
+    if not resume:
+        return None
+    state_file = resolve_state_file(resume)
+    check_compatible(load_checkpoint(state_file), cfg, source=str(resume))
+    return str(state_file.parent.resolve())
+
+
+def _check_rerun(cfg: ExperimentConfig, run_dir: str, name: str) -> None:
+    """Refuse a rerun of ``run.name`` whose checkpoints another model or schedule wrote.
+
+    A rerun of a name resumes from its last checkpoint (Ray, or local mode): a different
+    backbone or schedule would fail in every worker, so it is refused here.
+    """
+    earlier = [] if storage.is_remote(run_dir) else find_checkpoints(run_dir)
+    if earlier:
+        check_compatible(
+            load_checkpoint(earlier[-1]),
+            cfg,
+            source=f"run.name={name} ({earlier[-1]})",
+            instead="choose another run.name",
+        )
+
+
+def _prepare_cluster_and_data(cfg: ExperimentConfig, *, uri: str, location: str) -> PreparedData:
+    """Ray started (or joined) and sized, the data prepared, the model and cluster checked."""
+    from quakeray.preflight import check_model, preflight
+    from quakeray.runtime import check_resources, init_ray
+
+    if cfg.scaling.num_workers > 0:
+        init_ray(cfg)
+        check_resources(cfg)
+    data = prepare_data(cfg)
+    check_model(cfg, data)
+    if cfg.scaling.num_workers > 0:
+        preflight(cfg, data_path=data.path, tracking_uri=uri, storage_path=location)
+    return data
+
+
+def _open_run(
+    cfg: ExperimentConfig, uri: str, run_dir: str, *, name: str, resume_from: str | None
+) -> tuple[str, bool]:
+    """(run id, whether it is new): the run of an earlier Train run of this name, else a new one."""
+    from quakeray import tracking
+    from quakeray.tracking import tags
+
+    run_id = _reuse_run(uri, run_dir) if cfg.run.name else None
+    if run_id is not None:
+        return run_id, False
+    experiment_id = tracking.get_or_create_experiment(uri, cfg.tracking.experiment)
+    run_id = tracking.start_run(
+        uri,
+        experiment_id,
+        run_name=cfg.tracking.run_name or name,
+        tags={
+            tags.RUN_DIR: run_dir,
+            tags.BACKBONE: cfg.model.backbone,
+            **({tags.RESUMED_FROM: resume_from} if resume_from else {}),
+        },
+    )
+    return run_id, True
+
+
+def _summary(
+    result: object, best: str, *, name: str, run_dir: str, run_id: str, uri: str
+) -> TrainSummary:
+    with storage.local_copy(best) as folder:
+        best_metrics = {k: v for k, v in read_metrics(folder).items() if v is not None}
+    reported = getattr(result, "metrics", None) or {}
+    last = {k: float(v) for k, v in reported.items() if isinstance(v, (int, float))}
+    return TrainSummary(
+        run_name=name,
+        run_dir=run_dir,
+        best_checkpoint=best,
+        best_epoch=int(best_metrics["epoch"]) if "epoch" in best_metrics else None,
+        best_metrics=best_metrics,
+        last_metrics=last,
+        mlflow_run_id=run_id,
+        tracking_uri=uri,
+        wall_s=0.0,
+    )
+
+
+def _reuse_run(uri: str, run_dir: str) -> str | None:
+    """MLflow run of an earlier Train run with this folder (rerun with the same name)."""
+    from quakeray import tracking
+
+    if storage.is_remote(run_dir):
+        return None
+    info_file = Path(run_dir) / RUN_INFO_FILE
+    if not info_file.is_file():
+        return None
+    info = json.loads(info_file.read_text())
+    if info.get("tracking_uri") != uri:
+        return None
+    try:
+        tracking.run_status(uri, info["run_id"])
+    except Exception:
+        return None
+    tracking.mlflow_client(uri).update_run(info["run_id"], status="RUNNING")
+    log.info("resuming into MLflow run %s of %s", info["run_id"], run_dir)
+    return str(info["run_id"])
+
+
+def _write_run_info(run_dir: str, uri: str, run_id: str) -> None:
+    if storage.is_remote(run_dir):
+        return
+    folder = Path(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / RUN_INFO_FILE).write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}))
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)

@@ -1,0 +1,167 @@
+"""The worker loop: what every Ray Train worker runs (in-process with ``num_workers=0``).
+
+It reads like nanoGPT's loop: set up, resume, then per epoch train, validate with exact
+metrics gathered from all ranks, checkpoint (rank 0) and report (every rank), log (rank
+0). The parts live beside it: :mod:`.parts` (set-up), :mod:`.epoch` (one epoch). What the
+driver hands the workers is one typed, frozen :class:`LoopConfig`.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from quakeray.checkpoint import (
+    Predictions,
+    build_state,
+    checkpoint_dir_name,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from quakeray.config import ExperimentConfig
+from quakeray.data.prepare import PreparedData
+from quakeray.train.epoch import (
+    epoch_line,
+    epoch_metrics,
+    gather_predictions,
+    progress_bar,
+    train_epoch,
+)
+from quakeray.train.parts import (
+    LoopData,
+    ModelParts,
+    Progress,
+    build_data,
+    build_model_parts,
+    resume,
+)
+
+__all__ = ["LoopConfig", "train_loop_per_worker"]
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """The contract between the driver and every worker of one training run."""
+
+    config: ExperimentConfig  # the run's resolved config
+    data: PreparedData  # the data file and statistics every worker opens
+    tracking_uri: str  # absolute MLflow URI (recorded in checkpoints; rank 0 logs there)
+    mlflow_run_id: str = ""  # the run this training belongs to; "" = none
+    log_metrics: bool = True  # rank 0 logs each epoch (a search's driver logs what Tune gets)
+    resume_from: str = ""  # --resume checkpoint folder, used when Ray has none of its own
+    local_checkpoint_dir: str = ""  # in-process run: the loop writes checkpoints here itself
+    progress_bar: bool = False  # bars for a person at a terminal; logs get one line per epoch
+
+
+def train_loop_per_worker(spec: LoopConfig) -> None:
+    """One Ray Train worker: train, validate exactly, checkpoint (rank 0), report, log."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    cfg, epochs = spec.config, spec.config.optim.epochs
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    master = rank == 0  # only the master process logs and checkpoints
+    distributed = world > 1 and dist.is_available() and dist.is_initialized()
+    device = ray.train.torch.get_device()
+
+    data = build_data(cfg, spec.data, rank=rank, world=world, device=device)
+    parts = build_model_parts(cfg, data, rank=rank, device=device)
+    progress, state, restarted = resume(parts, spec.resume_from)
+    logger = _epoch_logger(spec) if master else None
+    if logger is not None and restarted and state is not None:
+        # Crashed between report and log: the checkpointed epoch's point may be missing.
+        logger.log_once(state["metrics"], epoch=int(state["epoch"]))
+
+    for epoch in range(progress.next_epoch, epochs):
+        bar = progress_bar(
+            len(data.train_sampler) * world,  # samples of all ranks: global samples/s
+            f"epoch {epoch + 1}/{epochs}",
+            enabled=master and spec.progress_bar,
+            in_process=bool(spec.local_checkpoint_dir),
+        )
+        totals = train_epoch(parts, data, epoch, distributed=distributed, bar=bar)
+        bar.close()
+        predictions = gather_predictions(parts, data, distributed=distributed)
+        metrics = epoch_metrics(epoch, totals, predictions, parts)
+        progress.record(metrics)
+        _checkpoint_and_report(spec, parts, data, progress, predictions, master=master)
+        if master:
+            # Logged after report: a point in MLflow means its checkpoint is persisted.
+            if logger is not None:
+                logger.log_once(metrics, epoch=epoch)
+            # Not print(): Ray Train patches it in workers and, with stdout wrapped (as
+            # MLflow does), the line reaches the driver twice.
+            sys.stdout.write(epoch_line(metrics, epochs) + "\n")
+            sys.stdout.flush()
+
+
+def _checkpoint_and_report(
+    spec: LoopConfig,
+    parts: ModelParts,
+    data: LoopData,
+    progress: Progress,
+    predictions: Predictions,
+    *,
+    master: bool,
+) -> None:
+    """Rank 0 writes the epoch's checkpoint; every rank reports (Ray needs as many reports)."""
+    import ray.train
+
+    epoch, metrics = progress.next_epoch - 1, progress.history[-1]
+    local_dir = spec.local_checkpoint_dir
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if master:
+            folder = Path(local_dir) / checkpoint_dir_name(epoch) if local_dir else Path(tmp)
+            state = build_state(
+                model=parts.raw_model,
+                optimizer=parts.optimizer,
+                scheduler=parts.scheduler,
+                scaler=parts.scaler,
+                epoch=epoch,
+                best_metric=progress.best,
+                best_epoch=progress.best_epoch,
+                history=progress.history,
+                config=spec.config,
+                stats=data.stats,
+                img_size=data.img_size,
+                native_size=data.native_size,
+                data_path=spec.data.path,
+                mlflow_run_id=spec.mlflow_run_id,
+                tracking_uri=spec.tracking_uri,
+                world_size=ray.train.get_context().get_world_size(),
+            )
+            save_checkpoint(
+                folder, state, metrics=metrics, predictions=predictions, history=progress.history
+            )
+            checkpoint = ray.train.Checkpoint.from_directory(str(folder))
+        ray.train.report(
+            metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(epoch)
+        )
+    if master and local_dir:
+        prune_checkpoints(local_dir, spec.config.run.checkpoints_to_keep)
+
+
+class _EpochLogger:
+    """Rank 0's MLflow logging of epoch metrics: each epoch once, even across restarts."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        from quakeray.tracking import RunLogger
+
+        self._logger = RunLogger(uri, run_id)
+        self._logged = self._logger.logged_steps("epoch")
+
+    def log_once(self, metrics: dict[str, float], *, epoch: int) -> None:
+        if epoch not in self._logged:
+            self._logger.log_metrics(metrics, step=epoch)
+            self._logged.add(epoch)
+
+
+def _epoch_logger(spec: LoopConfig) -> _EpochLogger | None:
+    if not (spec.mlflow_run_id and spec.log_metrics):
+        return None
+    return _EpochLogger(spec.tracking_uri, spec.mlflow_run_id)
