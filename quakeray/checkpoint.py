@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from quakeray.config import ExperimentConfig, from_dict, to_dict
 from quakeray.errors import CheckpointError, ConfigError
-from quakeray.metrics import SCORE_METRIC
+from quakeray.metrics import SCORE_METRIC, ConstantBaseline
 
 if TYPE_CHECKING:
     import torch
@@ -47,6 +47,7 @@ __all__ = [
     "best_checkpoint",
     "build_state",
     "check_compatible",
+    "checkpoint_baseline",
     "checkpoint_config",
     "checkpoint_dir_name",
     "checkpoint_stats",
@@ -118,6 +119,7 @@ def build_state(
     mlflow_run_id: str,
     tracking_uri: str,
     world_size: int,
+    baseline: ConstantBaseline,
 ) -> dict[str, Any]:
     """The contents of ``checkpoint.pt``: everything a resume, an evaluation or a model needs.
 
@@ -138,6 +140,7 @@ def build_state(
         mlflow_run_id: The run the training belongs to ("" for none).
         tracking_uri: The store of that run.
         world_size: Data-parallel workers that trained it.
+        baseline: The train split's constant predictors (evaluation scores them too).
     """
     return {
         "model": model.state_dict(),
@@ -158,7 +161,14 @@ def build_state(
         "mlflow_run_id": mlflow_run_id,
         "tracking_uri": tracking_uri,
         "world_size": world_size,
+        "baseline": {"median": baseline.median, "mean": baseline.mean},
     }
+
+
+def checkpoint_baseline(state: Mapping[str, Any]) -> ConstantBaseline | None:
+    """The train split's constant predictors saved in a checkpoint (None in older ones)."""
+    saved = state.get("baseline")
+    return ConstantBaseline(float(saved["median"]), float(saved["mean"])) if saved else None
 
 
 def checkpoint_stats(state: Mapping[str, Any]) -> ChannelStats | None:

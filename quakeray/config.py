@@ -93,6 +93,10 @@ class ModelConfig:
     weights_path: str = ""  # weights file for pretrained=true; "" = the local HF/torch cache
     clamp_in_forward: bool = False  # the paper's clamp to [0, 10] in training too (zeroes grads)
     drop_rate: float = 0.0  # dropout before the head
+    # The head predicts (magnitude - mean) / std of the train targets and the model adds
+    # them back, so predictions leave the model in magnitude units from the first step;
+    # the statistics travel in the weights. false: the paper's raw head.
+    standardize_target: bool = True
 
 
 @dataclass

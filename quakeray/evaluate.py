@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quakeray.checkpoint import STATE_FILE, Predictions, best_checkpoint
+from quakeray.checkpoint import STATE_FILE, Predictions, best_checkpoint, checkpoint_baseline
 from quakeray.errors import CheckpointError, DataError, TrackingError
 from quakeray.tracking import tags
 
@@ -107,7 +107,8 @@ def evaluate_checkpoint(
     target = np.asarray(out["magnitude"], dtype=np.float64)
     labels = np.asarray(out["label"], dtype=np.int64)
     prefix = {"train": "train_", "val": "val_", "test": "test_"}[split]
-    metrics = split_metrics(pred, target, labels, prefix=prefix)
+    baseline = checkpoint_baseline(loaded.state)
+    metrics = split_metrics(pred, target, labels, prefix=prefix, baseline=baseline)
     bins = per_bin_errors(pred, target)
     predictions = Predictions(
         index=list(range(len(pred))),

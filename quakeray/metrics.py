@@ -31,10 +31,12 @@ from numpy.typing import ArrayLike, NDArray
 
 __all__ = [
     "AFFECTED_THRESHOLD",
+    "BASELINE_METRICS",
     "DEFAULT_BIN_EDGES",
     "EPOCH_METRICS",
     "REGRESSION_METRICS",
     "SCORE_METRIC",
+    "ConstantBaseline",
     "pairwise_ranking_accuracy",
     "per_bin_errors",
     "regression_metrics",
@@ -60,6 +62,11 @@ REGRESSION_METRICS: tuple[str, ...] = (
 )
 """The keys of :func:`regression_metrics`, in order."""
 
+BASELINE_METRICS: tuple[str, ...] = ("MAE_const_median", "MAE_const_mean", "skill")
+"""The keys :func:`split_metrics` adds given a :class:`ConstantBaseline`: the MAE of
+predicting the train median (and mean) for every sample, and the model's skill
+``1 - MAE / MAE_const_median`` (0: no better than that constant; 1: perfect)."""
+
 EPOCH_METRICS: tuple[str, ...] = (
     "epoch",
     "train_loss",
@@ -67,6 +74,7 @@ EPOCH_METRICS: tuple[str, ...] = (
     "train_rank",
     "val_loss",
     *(f"val_{name}" for name in REGRESSION_METRICS),
+    *(f"val_{name}" for name in BASELINE_METRICS),
     "lr",
     "samples_per_s",
 )
@@ -119,11 +127,55 @@ def regression_metrics(
     }
 
 
+@dataclass(frozen=True)
+class ConstantBaseline:
+    """The constant predictors every model is judged against: the train split's median and mean.
+
+    The target is bimodal (negatives at 0, positives at 4 to 7.5): the median is the
+    constant with the lowest MAE on the train split, the mean the one with the lowest MSE.
+    """
+
+    median: float
+    mean: float
+
+    @classmethod
+    def of(cls, train_target: ArrayLike) -> ConstantBaseline:
+        """The baseline of a train split's targets."""
+        t = _as_1d(train_target, "train_target")
+        if t.size == 0:
+            raise ValueError("a constant baseline needs at least one train target")
+        return cls(median=float(np.median(t)), mean=float(np.mean(t)))
+
+    def metrics(self, pred: ArrayLike, target: ArrayLike) -> dict[str, float]:
+        """:data:`BASELINE_METRICS` of ``pred`` on ``target`` (unprefixed)."""
+        p, t = _as_1d(pred, "pred"), _as_1d(target, "target")
+        _same_length(p, t, "target")
+        const_median = _mean(np.abs(t - self.median))
+        mae = _mean(np.abs(p - t))
+        skill = 1.0 - mae / const_median if const_median > 0 else NAN
+        return {
+            "MAE_const_median": const_median,
+            "MAE_const_mean": _mean(np.abs(t - self.mean)),
+            "skill": skill,
+        }
+
+
 def split_metrics(
-    pred: ArrayLike, target: ArrayLike, labels: ArrayLike | None = None, *, prefix: str
+    pred: ArrayLike,
+    target: ArrayLike,
+    labels: ArrayLike | None = None,
+    *,
+    prefix: str,
+    baseline: ConstantBaseline | None = None,
 ) -> dict[str, float]:
-    """:func:`regression_metrics` named for a split: ``prefix`` ``val_`` gives ``val_MAE``."""
-    return {f"{prefix}{k}": float(v) for k, v in regression_metrics(pred, target, labels).items()}
+    """:func:`regression_metrics` named for a split: ``prefix`` ``val_`` gives ``val_MAE``.
+
+    With a ``baseline``, the :data:`BASELINE_METRICS` too (``val_MAE_const_median``, ...).
+    """
+    values = regression_metrics(pred, target, labels)
+    if baseline is not None:
+        values |= baseline.metrics(pred, target)
+    return {f"{prefix}{k}": float(v) for k, v in values.items()}
 
 
 def pairwise_ranking_accuracy(pred: ArrayLike, target: ArrayLike) -> float:

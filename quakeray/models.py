@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -94,6 +95,9 @@ class MagnitudeRegressor(torch.nn.Module):
         img_size: The input side the backbone is tied to, or None when it takes any size.
     """
 
+    target_mean: Tensor  # buffers (see set_target_scale)
+    target_std: Tensor
+
     def __init__(
         self,
         backbone: torch.nn.Module,
@@ -109,6 +113,23 @@ class MagnitudeRegressor(torch.nn.Module):
         self.timm_name = timm_name
         self.in_chans = in_chans
         self.img_size = img_size
+        # Buffers, not attributes: they are saved with the weights, so a checkpoint and the
+        # model logged to MLflow predict in magnitude units with no other file.
+        self.register_buffer("target_mean", torch.zeros(()))
+        self.register_buffer("target_std", torch.ones(()))
+
+    def set_target_scale(self, mean: float, std: float) -> None:
+        """Make the head's unit output mean ``std`` magnitudes around ``mean``.
+
+        The head then learns the standardised target ``(y - mean) / std``: at
+        initialisation its output is near 0, so predictions start near the train mean
+        instead of near 0, and a unit of gradient has the same size for any target range.
+        """
+        if not (std > 0 and math.isfinite(std) and math.isfinite(mean)):
+            raise ModelError(f"target scale needs a finite mean and std > 0, got {mean}, {std}")
+        with torch.no_grad():
+            self.target_mean.fill_(mean)
+            self.target_std.fill_(std)
 
     def forward(self, x: Tensor) -> Tensor:
         """Predict magnitudes.
@@ -120,7 +141,7 @@ class MagnitudeRegressor(torch.nn.Module):
             Magnitudes, shape ``(B,)`` (also for B = 1).
         """
         # [:, 0] rather than squeeze(): squeeze() turns a batch of one into a 0-d tensor.
-        out: Tensor = self.backbone(x)[:, 0]
+        out: Tensor = self.target_mean + self.target_std * self.backbone(x)[:, 0]
         if self.clamp_in_forward or not self.training:
             out = out.clamp(0.0, MAX_MAGNITUDE)
         return out

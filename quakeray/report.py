@@ -14,7 +14,10 @@ How runs become table cells:
 - the best configuration of each side is chosen on **validation** (``best_val_MAE``, the
   best epoch's, else the last ``val_MAE``), never on test;
 - the reported MAE is ``test_MAE`` when every run of the backbone has one (``search.test_trials``
-  or ``quakeray evaluate``), else the validation MAE; the table says which.
+  or ``quakeray evaluate``), else the validation MAE; the table says which;
+- beside it, the MAE of the constant that predicts the train median on the same split
+  (``<metric>_const_median``, logged by every run since quakeray logs baselines; "-" for
+  older runs): a model above it has learned nothing a constant does not know.
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ class ReportRow:
     metric: str  # the reported metric (test_MAE, best_val_MAE or val_MAE)
     mse: Cell | None
     joint: Cell | None
+    constant: float | None = None  # the metric of the constant train-median predictor
 
     @property
     def improvement_pct(self) -> float | None:
@@ -182,7 +186,9 @@ def table_rows(results: Sequence[RunResult]) -> list[ReportRow]:
         metric = next((m for m in _REPORT_METRICS if all(m in r.metrics for r in mine)), "val_MAE")
         mse = _best_cell([r for r in mine if r.rank_weight == 0], metric)
         joint = _best_cell([r for r in mine if r.rank_weight > 0], metric)
-        rows.append(ReportRow(backbone, metric, mse, joint))
+        constants = [c for c in (r.metrics.get(f"{metric}_const_median") for r in mine) if c]
+        constant = statistics.fmean(constants) if constants else None
+        rows.append(ReportRow(backbone, metric, mse, joint, constant))
     return rows
 
 
@@ -190,11 +196,21 @@ def format_report(report: Report, fmt: Format = "text") -> str:
     """The table as aligned text, a markdown table, or CSV."""
     if fmt == "csv":
         return _csv(report.rows)
-    header = ["backbone", "MAE", "MSE only", "MSE + ranking", "margin", "weight", "improvement"]
+    header = [
+        "backbone",
+        "MAE",
+        "constant",
+        "MSE only",
+        "MSE + ranking",
+        "margin",
+        "weight",
+        "improvement",
+    ]
     body = [
         [
             r.backbone,
             r.metric,
+            "-" if r.constant is None else f"{r.constant:.4f}",
             r.mse.text() if r.mse else "-",
             r.joint.text() if r.joint else "-",
             f"{r.joint.margin:.4g}" if r.joint else "-",
@@ -205,7 +221,8 @@ def format_report(report: Report, fmt: Format = "text") -> str:
     ]
     title = (
         f"experiment {report.experiment}: {report.runs} finished runs in {report.tracking_uri}; "
-        "MAE = mean +- std over seeds (n); best joint-loss configuration chosen on validation"
+        "MAE = mean +- std over seeds (n); constant = the MAE of predicting the train median; "
+        "best joint-loss configuration chosen on validation"
     )
     table = markdown_table(header, body) if fmt == "markdown" else text_table(header, body)
     return title + "\n\n" + table
@@ -253,6 +270,7 @@ def _csv(rows: Sequence[ReportRow]) -> str:
     header = [
         "backbone",
         "metric",
+        "constant",
         "mse_mean",
         "mse_std",
         "mse_n",
@@ -267,6 +285,7 @@ def _csv(rows: Sequence[ReportRow]) -> str:
         [
             r.backbone,
             r.metric,
+            "" if r.constant is None else r.constant,
             *(_cell_fields(r.mse)),
             *(_cell_fields(r.joint)),
             r.joint.margin if r.joint else "",

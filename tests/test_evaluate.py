@@ -62,7 +62,16 @@ def test_test_split_by_run_id_is_logged(
     assert set(result.metrics) == {
         "test_MAE", "test_RMSE", "test_spearman", "test_kendall", "test_rank_acc",
         "test_detection_acc", "test_MAE_pos",
+        # beside the model, the constant train-median (and mean) predictor on test
+        "test_MAE_const_median", "test_MAE_const_mean", "test_skill",
     }  # fmt: skip
+    constant = np.mean(
+        np.abs(
+            np.asarray(result.predictions.magnitude)
+            - np.median(QuakeSetDataset(data, "train").magnitudes)
+        )
+    )
+    assert result.metrics["test_MAE_const_median"] == pytest.approx(constant, rel=1e-6)
     assert sum(int(b["count"]) for b in result.bins) == len(test)
     out = capsys.readouterr().out
     assert "test_MAE" in out and "count" in out  # metrics and the per-bin table

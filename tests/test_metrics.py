@@ -10,10 +10,13 @@ import pytest
 from scipy import stats
 
 from quakeray.metrics import (
+    BASELINE_METRICS,
     REGRESSION_METRICS,
+    ConstantBaseline,
     pairwise_ranking_accuracy,
     per_bin_errors,
     regression_metrics,
+    split_metrics,
 )
 
 A = np.array
@@ -140,3 +143,24 @@ def test_per_bin_errors_default_bins_cover_negatives_and_magnitudes() -> None:
     assert rows[0]["count"] == 1 and rows[1]["count"] == 0  # nothing between 0.5 and 4.5
     with pytest.raises(ValueError, match="strictly increasing"):
         per_bin_errors(target, target, edges=(0, 5, 5))
+
+
+def test_constant_baseline_scores_the_train_median_and_mean() -> None:
+    # Train targets: two negatives and three positives; the median is a positive's.
+    baseline = ConstantBaseline.of([0.0, 0.0, 5.0, 6.0, 7.0])
+    assert (baseline.median, baseline.mean) == (5.0, 3.6)
+    target = np.array([0.0, 5.0, 7.0])
+    pred = np.array([1.0, 5.0, 6.0])  # MAE 2/3
+    m = split_metrics(pred, target, prefix="test_", baseline=baseline)
+    assert m["test_MAE_const_median"] == pytest.approx((5 + 0 + 2) / 3)
+    assert m["test_MAE_const_mean"] == pytest.approx((3.6 + 1.4 + 3.4) / 3)
+    assert m["test_skill"] == pytest.approx(1 - (2 / 3) / (7 / 3))
+    # A constant scores skill 0 against itself; without a baseline no such keys.
+    same = split_metrics(np.full(3, 5.0), target, prefix="val_", baseline=baseline)
+    assert same["val_skill"] == pytest.approx(0.0)
+    assert set(split_metrics(pred, target, prefix="val_")) == {
+        f"val_{k}" for k in REGRESSION_METRICS
+    }
+    assert set(BASELINE_METRICS) <= {k.removeprefix("test_") for k in m}
+    with pytest.raises(ValueError, match="at least one"):
+        ConstantBaseline.of([])

@@ -126,6 +126,24 @@ def test_paper_clamp_in_forward_zeroes_gradients_outside_range(bias: float) -> N
     assert grads and all(g.abs().max().item() == 0 for g in grads)
 
 
+def test_target_scale_puts_predictions_in_magnitude_units_and_travels_in_the_weights() -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="test_resnet"), in_chans=4).eval()
+    x = torch.randn(3, 4, 32, 32)
+    with torch.no_grad():
+        raw = model.backbone(x)[:, 0]
+        torch.testing.assert_close(model(x), raw.clamp(0, 10))  # the paper's raw head
+        model.set_target_scale(3.5, 2.0)
+        torch.testing.assert_close(model(x), (3.5 + 2.0 * raw).clamp(0, 10))
+    # A model rebuilt from the state dict (a checkpoint, the MLflow model) has the scale.
+    again = build_model(ModelConfig(backbone="test_resnet"), in_chans=4).eval()
+    again.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x))
+    with pytest.raises(ModelError, match="std > 0"):
+        model.set_target_scale(3.5, 0.0)
+
+
 # --------------------------------------------------------------------------- pretrained
 
 

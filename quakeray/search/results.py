@@ -46,6 +46,14 @@ class TrialRow:
     value: float | None  # last reported value of search.metric
     epochs: int  # epochs reported
     checkpoint: str = ""  # best checkpoint of the trial ("" if none)
+    baseline: float | None = None  # the metric of the constant train-median predictor
+
+    @property
+    def vs_baseline(self) -> float | None:
+        """The value as a multiple of the constant predictor's (0.5: half its error)."""
+        if self.value is None or not self.baseline:
+            return None
+        return self.value / self.baseline
 
 
 @dataclass
@@ -65,6 +73,11 @@ class SearchSummary:
     test_metrics: dict[str, float] = field(default_factory=dict)
     wall_s: float = 0.0
 
+    @property
+    def baseline(self) -> float | None:
+        """The search metric of the constant train-median predictor (same for every trial)."""
+        return next((r.baseline for r in self.rows if r.baseline is not None), None)
+
     def counts(self) -> dict[str, int]:
         """Trials per final status."""
         out: dict[str, int] = {}
@@ -81,18 +94,24 @@ class SearchSummary:
             f"search {self.name} finished in {self.wall_s:.0f} s: {len(self.rows)} trials "
             f"({counts})",
             "",
-            format_table(rank_rows(self.rows, self.mode)[:top_k], metric=self.metric),
-            "",
         ]
+        if self.baseline is not None:
+            lines += [
+                f"constant baseline: predicting the train median for every sample scores "
+                f"{self.metric} {self.baseline:.4f}",
+                "",
+            ]
+        lines += [format_table(rank_rows(self.rows, self.mode)[:top_k], metric=self.metric), ""]
         if self.best is not None:
+            ratio = self.best.vs_baseline
+            versus = f", {ratio:.2f} x the constant's" if ratio is not None else ""
             lines.append(
-                f"best trial       {self.best.trial_id} ({self.metric} {self.best.value:.4f})"
+                f"best trial       {self.best.trial_id} "
+                f"({self.metric} {self.best.value:.4f}{versus})"
             )
             lines.append(f"best config      {_params_text(self.best.params)}")
             lines.append(f"best checkpoint  {self.best_checkpoint}")
-        for key, value in self.test_metrics.items():
-            if key in ("test_MAE", "test_RMSE", "test_spearman", "test_rank_acc"):
-                lines.append(f"{key:<16} {value:.4f}")
+        lines += _test_lines(self.test_metrics)
         lines.append(f"search folder    {self.search_dir}")
         lines.append(f"MLflow           parent run {self.parent_run_id} in {self.tracking_uri}")
         lines.append(f"browse with      {mlflow_ui_command(self.tracking_uri)}")
@@ -108,25 +127,36 @@ def rank_rows(rows: Sequence[TrialRow], mode: str) -> list[TrialRow]:
 
 
 def format_table(rows: Sequence[TrialRow], *, metric: str) -> str:
-    """Aligned text table of trials (id, status, metric, epochs, settings)."""
+    """Aligned text table of trials (id, status, metric, x constant, epochs, settings)."""
     keys = sorted({k for r in rows for k in r.params})
     body = [
         [
             r.trial_id + (f" ({r.reference})" if r.reference else ""),
             r.status,
             "-" if r.value is None else f"{r.value:.4f}",
+            "-" if r.vs_baseline is None else f"{r.vs_baseline:.2f}",
             str(r.epochs),
             *[_short(r.params.get(k, "")) for k in keys],
         ]
         for r in rows
     ]
-    return text_table(["trial", "status", metric, "epochs", *keys], body)
+    return text_table(["trial", "status", metric, "x constant", "epochs", *keys], body)
 
 
 def rows_csv(rows: Sequence[TrialRow], *, metric: str) -> str:
     """The results table as CSV (one line per trial, settings as columns)."""
     keys = sorted({k for r in rows for k in r.params})
-    header = ["trial_id", "run_id", "status", "reference", metric, "epochs", "checkpoint", *keys]
+    header = [
+        "trial_id",
+        "run_id",
+        "status",
+        "reference",
+        metric,
+        f"{metric}_const_median",
+        "epochs",
+        "checkpoint",
+        *keys,
+    ]
     body = [
         [
             r.trial_id,
@@ -134,6 +164,7 @@ def rows_csv(rows: Sequence[TrialRow], *, metric: str) -> str:
             r.status,
             r.reference,
             "" if r.value is None else r.value,
+            "" if r.baseline is None else r.baseline,
             r.epochs,
             r.checkpoint,
             *[r.params.get(k, "") for k in keys],
@@ -167,16 +198,17 @@ def collect_rows(
         res = by_trial.get(tid)
         if res is not None:
             params = sample_of(res.config)
-            value = res.metrics.get(metric)
-            epochs = int(res.metrics["epoch"]) + 1 if "epoch" in res.metrics else 0
+            reported = res.metrics
+            epochs = int(reported["epoch"]) + 1 if "epoch" in reported else 0
         else:
             params = {
                 k[len("trial.") :]: _parse(v)
                 for k, v in run.data.params.items()
                 if k.startswith("trial.")
             }
-            value = run.data.metrics.get(metric)
+            reported = run.data.metrics
             epochs = 0
+        value, baseline = reported.get(metric), reported.get(f"{metric}_const_median")
         params = {**(base_values or {}), **params}
         rows.append(
             TrialRow(
@@ -188,6 +220,7 @@ def collect_rows(
                 value=float(value) if value is not None else None,
                 epochs=epochs,
                 checkpoint=run_tags.get(tags.BEST_CHECKPOINT, ""),
+                baseline=float(baseline) if baseline is not None else None,
             )
         )
     return rows
@@ -208,6 +241,20 @@ def best_row(
 def results_list(results: ResultGrid) -> list[Any]:
     """The grid's results as a list (ResultGrid is indexable, not typed as iterable)."""
     return [results[i] for i in range(len(results))]
+
+
+def _test_lines(metrics: Mapping[str, float]) -> list[str]:
+    """The best trial's test scores, the MAE beside the constant predictor's."""
+    lines = []
+    for key in ("test_MAE", "test_RMSE", "test_spearman", "test_rank_acc"):
+        if key not in metrics:
+            continue
+        line = f"{key:<16} {metrics[key]:.4f}"
+        constant = metrics.get(f"{key}_const_median")
+        if constant:
+            line += f"  (constant train median: {constant:.4f}; {metrics[key] / constant:.2f} x)"
+        lines.append(line)
+    return lines
 
 
 def _parse(text: str) -> Any:

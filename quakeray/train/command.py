@@ -58,9 +58,16 @@ class TrainSummary:
         lines = [f"run {self.run_name} finished in {self.wall_s:.0f} s"]
         if self.best_epoch is not None:
             lines.append(f"  best epoch       {self.best_epoch + 1}")
+        best = self.best_metrics
         for key in ("val_MAE", "val_RMSE", "val_spearman", "val_rank_acc", "val_detection_acc"):
-            if key in self.best_metrics:
-                lines.append(f"  {key:<16} {self.best_metrics[key]:.4f}")
+            if key in best:
+                lines.append(f"  {key:<16} {best[key]:.4f}")
+        constant = best.get("val_MAE_const_median")
+        if constant and "val_MAE" in best:
+            lines.append(
+                f"  constant         val_MAE {constant:.4f} predicting the train median: the "
+                f"model's is {best['val_MAE'] / constant:.2f} x that"
+            )
         lines.append(f"  best checkpoint  {self.best_checkpoint}")
         lines.append(f"  MLflow run       {self.mlflow_run_id} in {self.tracking_uri}")
         lines.append(f"  browse with      {mlflow_ui_command(self.tracking_uri)}")

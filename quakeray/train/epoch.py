@@ -127,7 +127,7 @@ def gather_predictions(parts: ModelParts, data: LoopData, *, distributed: bool) 
 
 
 def epoch_metrics(
-    epoch: int, totals: EpochTotals, predictions: Predictions, parts: ModelParts
+    epoch: int, totals: EpochTotals, predictions: Predictions, parts: ModelParts, data: LoopData
 ) -> dict[str, float]:
     """The epoch's :data:`~quakeray.metrics.EPOCH_METRICS`, in that order."""
     pred = np.asarray(predictions.prediction, dtype=np.float64)
@@ -139,7 +139,9 @@ def epoch_metrics(
         "train_mse": totals.mse / totals.seen,
         "train_rank": totals.rank / totals.seen,
         "val_loss": float(val_loss.value),
-        **split_metrics(pred, target, np.asarray(predictions.label), prefix="val_"),
+        **split_metrics(
+            pred, target, np.asarray(predictions.label), prefix="val_", baseline=data.baseline
+        ),
         "lr": float(parts.scheduler.get_last_lr()[0]),
         "samples_per_s": totals.seen / max(totals.seconds, 1e-9),
     }

@@ -86,7 +86,7 @@ def train_loop_per_worker(spec: LoopConfig) -> None:
         totals = train_epoch(parts, data, epoch, distributed=distributed, bar=bar)
         bar.close()
         predictions = gather_predictions(parts, data, distributed=distributed)
-        metrics = epoch_metrics(epoch, totals, predictions, parts)
+        metrics = epoch_metrics(epoch, totals, predictions, parts, data)
         progress.record(metrics)
         _checkpoint_and_report(spec, parts, data, progress, predictions, master=master)
         if master:
@@ -134,6 +134,7 @@ def _checkpoint_and_report(
                 mlflow_run_id=spec.mlflow_run_id,
                 tracking_uri=spec.tracking_uri,
                 world_size=ray.train.get_context().get_world_size(),
+                baseline=data.baseline,
             )
             save_checkpoint(
                 folder, state, metrics=metrics, predictions=predictions, history=progress.history

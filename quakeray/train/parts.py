@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -22,7 +23,7 @@ from quakeray.data.prepare import PreparedData
 from quakeray.data.quakeset import QuakeSetDataset, collate
 from quakeray.data.transforms import BatchTransform, ChannelStats, build_transform
 from quakeray.losses import JointLoss, build_loss
-from quakeray.metrics import SCORE_METRIC
+from quakeray.metrics import SCORE_METRIC, ConstantBaseline
 from quakeray.optim import build_optimizer
 
 __all__ = [
@@ -50,6 +51,8 @@ class LoopData:
     stats: ChannelStats | None  # what the transform normalises with
     native_size: int  # the data's patch side
     img_size: int  # the model's input side
+    train_targets: np.ndarray  # the train split's magnitudes (0 for negatives)
+    baseline: ConstantBaseline  # the constant predictors every epoch is judged against
 
 
 @dataclass
@@ -130,6 +133,8 @@ def build_data(
         stats=stats,
         native_size=native,
         img_size=img_size,
+        train_targets=train_set.magnitudes,
+        baseline=ConstantBaseline.of(train_set.magnitudes),
     )
 
 
@@ -145,9 +150,11 @@ def build_model_parts(
 
     opt = cfg.optim
     torch.manual_seed(opt.seed)  # same init everywhere (DDP also broadcasts rank 0's)
-    model = ray.train.torch.prepare_model(
-        build_model(cfg.model, in_chans=4, img_size=data.img_size)
-    )
+    regressor = build_model(cfg.model, in_chans=4, img_size=data.img_size)
+    if cfg.model.standardize_target:
+        targets = data.train_targets.astype(np.float64)
+        regressor.set_target_scale(float(targets.mean()), float(targets.std()) or 1.0)
+    model = ray.train.torch.prepare_model(regressor)
     raw_model: torch.nn.Module = getattr(model, "module", model)
     torch.manual_seed(opt.seed + rank)  # flips and dropout differ per rank
     pairing = "all" if cfg.loss.pairing == "global" else cfg.loss.pairing

@@ -155,12 +155,13 @@ def test_report_table_of_the_finished_search(
     assert row.joint is not None and (row.joint.margin, row.joint.rank_weight) == (0.02, 1.0)
     expected = 100 * (row.mse.mean - row.joint.mean) / row.mse.mean
     assert row.improvement_pct == pytest.approx(expected)
+    assert row.constant is not None and row.constant > 0  # beside it, the constant predictor
 
     assert (
         main(["report", "asha-test", "--tracking-uri", searched.uri, "--format", "markdown"]) == 0
     )
     out = capsys.readouterr().out
-    assert "| test_resnet | best_val_MAE |" in out
+    assert f"| test_resnet | best_val_MAE | {row.constant:.4f} |" in out
     assert f"{expected:+.1f}%" in out
 
 

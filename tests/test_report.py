@@ -1,0 +1,46 @@
+"""The report's table from constructed runs: the constant beside every MAE, blanks for old runs."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from quakeray.report import Report, format_report, run_result, table_rows
+
+
+def _run(run_id: str, weight: float, seed: int, metrics: dict[str, float]) -> Any:
+    params = {
+        "model.backbone": "test_resnet",
+        "loss.rank_weight": str(weight),
+        "loss.margin": "0.02",
+        "optim.seed": str(seed),
+    }
+    return SimpleNamespace(
+        info=SimpleNamespace(run_id=run_id),
+        data=SimpleNamespace(tags={"quakeray.status": "completed"}, params=params, metrics=metrics),
+    )
+
+
+def test_the_constant_stands_beside_the_mae_and_old_runs_get_a_blank() -> None:
+    runs = [
+        _run("a", 0.0, 1, {"test_MAE": 1.0, "best_val_MAE": 1.0, "test_MAE_const_median": 2.0}),
+        _run("b", 0.0, 2, {"test_MAE": 1.2, "best_val_MAE": 1.1, "test_MAE_const_median": 2.0}),
+        _run("c", 1.0, 1, {"test_MAE": 0.8, "best_val_MAE": 0.9, "test_MAE_const_median": 2.0}),
+    ]
+    (row,) = table_rows([r for r in map(run_result, runs) if r is not None])
+    assert (row.metric, row.constant) == ("test_MAE", 2.0)
+    assert row.mse is not None and row.mse.n == 2 and row.mse.mean == 1.1
+    text = format_report(Report("demo", "sqlite:///x", 3, [row]))
+    assert "test_MAE  2.0000" in text and "constant" in text
+    assert (
+        format_report(Report("demo", "x", 3, [row]), "csv")
+        .splitlines()[1]
+        .startswith("test_resnet,test_MAE,2.0,")
+    )
+
+    # Runs from before quakeray logged baselines: a marked blank, never a made-up number.
+    old = [_run("d", 0.0, 1, {"best_val_MAE": 1.0}), _run("e", 1.0, 1, {"best_val_MAE": 0.9})]
+    (row,) = table_rows([r for r in map(run_result, old) if r is not None])
+    assert row.constant is None
+    line = format_report(Report("old", "x", 2, [row])).splitlines()[-1]
+    assert line.split()[:3] == ["test_resnet", "best_val_MAE", "-"]
