@@ -7,6 +7,7 @@ family print one line and exit with code 2; ``--debug`` re-raises them with the 
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import logging
 import signal
@@ -14,6 +15,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from quakeray import __version__
 from quakeray.errors import EXIT_USAGE, QuakerayError
@@ -61,6 +63,32 @@ def _interrupt_on_sigterm() -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, _raise)
+    sys.unraisablehook = _redeliver_interrupts(sys.unraisablehook)
+
+
+def _redeliver_interrupts(
+    previous: Callable[[Any], object],
+) -> Callable[[Any], object]:
+    """An unraisable hook that delivers a swallowed Ctrl-C or SIGTERM to the main thread again.
+
+    A signal handler's exception that surfaces while Python runs a weakref callback or a
+    ``__del__`` (h5py and torch run many) cannot propagate: Python prints "Exception
+    ignored" and goes on as if nothing happened, so the command would finish its work and
+    exit 0 after the user stopped it. The interrupt is delivered once more instead.
+    """
+
+    def hook(unraisable: Any) -> None:
+        if unraisable.exc_type is not KeyboardInterrupt:
+            previous(unraisable)
+            return
+        sigterm = f"signal {int(signal.SIGTERM)}"
+        message = str(unraisable.exc_value) if unraisable.exc_value is not None else ""
+        signum = signal.SIGTERM if message == sigterm else signal.SIGINT
+        # From another thread, a moment later: raised here, inside the hook, it would be
+        # swallowed again. Should it land in another callback, this hook runs once more.
+        threading.Timer(0.05, _thread.interrupt_main, args=(signum,)).start()
+
+    return hook
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -74,6 +74,9 @@ class DataConfig:
     synthetic_size: int = 64  # patch side in pixels of the generated file
     synthetic_seed: int = 0  # seed of the generated file
     positives_only: bool = False  # drop the (before, pre) negatives
+    # Share of the train split's events used: a subsample stratified by magnitude, drawn
+    # with optim.seed (so seeds also vary the subsample); val and test never change.
+    train_fraction: float = 1.0
     nan_fill: float = 0.0  # value for NaN pixels (torchgeo uses 0)
     to_db: bool = True  # linear backscatter -> 10*log10(x + db_eps)
     db_eps: float = 1e-9  # keeps log10 finite on zero / filled pixels
@@ -203,6 +206,11 @@ class SearchConfig:
     top_k: int = 5  # trials listed in the final table
     evaluate_best: bool = True  # evaluate the best trial on the test split
     test_trials: bool = False  # evaluate every trial's best checkpoint on test (paper tables)
+    # At the end, train the MSE-only point, the paper's point and the best configuration
+    # again on confirm_seeds fresh seeds (optim.seed + 1, + 2, ...), evaluate them on test,
+    # and say whether the ranking term's gain is beyond seed noise.
+    confirm: bool = False
+    confirm_seeds: int = 3
 
 
 @dataclass
@@ -233,11 +241,13 @@ SMOKE_TEST_OVERRIDES: tuple[str, ...] = (
     "search.num_samples=2",
     "search.max_concurrent=1",
     "search.evaluate_best=false",
+    "search.confirm=false",
     "search.optuna_storage=",
 )
 """What ``--smoke-test`` puts before the user's overrides: a generated 32 px file, the tiny
-``test_resnet``, two epochs, one CPU worker, local storage, two trials. Checks the whole
-path of a GPU or cluster config on a CPU machine in about a minute."""
+``test_resnet``, two epochs, one CPU worker, local storage, two trials, no seed
+confirmation. Checks the whole path of a GPU or cluster config on a CPU machine in about
+a minute."""
 
 _ADAPTER = TypeAdapter(ExperimentConfig)
 _T = TypeVar("_T")
@@ -417,6 +427,11 @@ def validate_config(cfg: ExperimentConfig) -> None:
         (cfg.data.synthetic_events >= 3, "data.synthetic_events must be >= 3 (one per split)"),
         (cfg.data.synthetic_size >= 16, "data.synthetic_size must be >= 16 pixels"),
         (cfg.data.image_size >= 0, "data.image_size must be >= 0 (0 = native size)"),
+        (
+            0 < cfg.data.train_fraction <= 1,
+            f"data.train_fraction must be in (0, 1] (the share of train events), "
+            f"got {cfg.data.train_fraction}",
+        ),
         (cfg.data.loader_workers >= 0, "data.loader_workers must be >= 0"),
         (cfg.data.db_eps > 0, "data.db_eps must be > 0"),
         (math.isfinite(cfg.data.nan_fill), "data.nan_fill must be a finite number"),
@@ -434,6 +449,11 @@ def validate_config(cfg: ExperimentConfig) -> None:
         (cfg.search.reduction_factor >= 2, "search.reduction_factor must be >= 2"),
         (cfg.search.trial_cpus > 0, "search.trial_cpus must be > 0 (Tune rejects 0)"),
         (cfg.search.top_k >= 1, "search.top_k must be >= 1"),
+        (
+            cfg.search.confirm_seeds >= 1,
+            f"search.confirm_seeds must be >= 1 (seeds per confirmed configuration), "
+            f"got {cfg.search.confirm_seeds}",
+        ),
         (bool(cfg.search.name), "search.name must not be empty"),
     ]
     for ok, message in checks:

@@ -18,11 +18,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TrialPoint",
+    "confirmation_figure",
     "format_bin_table",
     "history_figure",
     "margin_weight_figure",
     "per_bin_figure",
     "scatter_figure",
+    "size_figure",
 ]
 
 
@@ -218,3 +220,58 @@ def _num(value: Any) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
+
+
+def confirmation_figure(
+    scores: Mapping[str, tuple[float, float]], *, metric: str, constant: float | None
+) -> Figure:
+    """Each confirmed configuration's mean +- sd over seeds, beside the constant predictor."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.add_subplot()
+    labels = list(scores)
+    means = [scores[k][0] for k in labels]
+    sds = [scores[k][1] for k in labels]
+    ax.bar(labels, means, yerr=sds, capsize=6, color="tab:blue", alpha=0.8)
+    if constant is not None:
+        ax.axhline(constant, color="tab:red", linestyle="--", label="constant (train median)")
+        ax.legend(loc="best", fontsize="small")
+    ax.set_ylabel(f"{metric} (mean +- sd over seeds)")
+    ax.set_title("the search's answer on fresh seeds")
+    return fig
+
+
+def size_figure(
+    fractions: Sequence[float],
+    series: Mapping[str, Sequence[tuple[float, float] | None]],
+    *,
+    metric: str,
+    constant: float | None,
+) -> Figure:
+    """``metric`` against training-set size, one line per loss, mean +- sd over seeds.
+
+    Args:
+        fractions: The train fractions (x axis, log scale).
+        series: Loss name -> (mean, sd) per fraction (None where that loss has no run).
+        metric: The y axis.
+        constant: The constant train-median predictor's score, drawn as a line.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.add_subplot()
+    for name, points in series.items():
+        xs = [f for f, p in zip(fractions, points, strict=True) if p is not None]
+        ys = [p[0] for p in points if p is not None]
+        sds = [p[1] for p in points if p is not None]
+        ax.errorbar(xs, ys, yerr=sds, marker="o", capsize=4, label=name)
+    if constant is not None:
+        ax.axhline(constant, color="tab:red", linestyle="--", label="constant (train median)")
+    ax.set_xscale("log")
+    ax.set_xticks(list(fractions), [f"{f:g}" for f in fractions])
+    ax.set_xlabel("share of the train split's events (data.train_fraction)")
+    ax.set_ylabel(f"{metric} (mean +- sd over seeds)")
+    ax.set_title("error against training-set size")
+    ax.legend(loc="best", fontsize="small")
+    return fig

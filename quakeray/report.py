@@ -17,7 +17,11 @@ How runs become table cells:
   or ``quakeray evaluate``), else the validation MAE; the table says which;
 - beside it, the MAE of the constant that predicts the train median on the same split
   (``<metric>_const_median``, logged by every run since quakeray logs baselines; "-" for
-  older runs): a model above it has learned nothing a constant does not know.
+  older runs): a model above it has learned nothing a constant does not know;
+- a search run with ``search.confirm`` adds its seed check below the table: each confirmed
+  configuration's test MAE over fresh seeds, the constant, and whether each joint loss's
+  difference from MSE only is beyond seed noise (a paired 95% interval). Its runs (role
+  ``confirm``) stay out of the table above, which compares the search's own trials.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from quakeray.errors import SearchError
+from quakeray.search.results import Confirmation
+from quakeray.seeds import PairedDifference, SeedScores, paired_difference
 from quakeray.tables import csv_text, markdown_table, text_table
 from quakeray.tracking import tags
 
@@ -38,11 +44,14 @@ __all__ = [
     "Report",
     "ReportRow",
     "RunResult",
+    "SizeRow",
     "build_report",
     "config_key",
     "format_report",
+    "format_size_rows",
     "print_report",
     "run_result",
+    "size_rows",
     "table_rows",
 ]
 
@@ -63,6 +72,8 @@ class RunResult:
     margin: float
     config_key: tuple[tuple[str, str], ...]  # the configuration, seeds excluded
     metrics: dict[str, float]
+    seed: int = 0  # optim.seed
+    train_fraction: float = 1.0  # data.train_fraction
 
 
 @dataclass
@@ -107,6 +118,21 @@ class Report:
     tracking_uri: str
     runs: int
     rows: list[ReportRow]
+    confirmations: dict[str, Confirmation] = field(default_factory=dict)  # search -> its check
+    sizes: list[SizeRow] = field(default_factory=list)  # by data.train_fraction, when it varies
+
+
+@dataclass(frozen=True)
+class SizeRow:
+    """One training-set size: MSE only against the joint loss, over the same seeds."""
+
+    backbone: str
+    train_fraction: float
+    metric: str
+    mse: SeedScores | None
+    joint: SeedScores | None
+    difference: PairedDifference | None  # joint - MSE only, paired by seed
+    constant: float | None  # the metric of the constant train-median predictor
 
 
 def build_report(experiment: str, *, tracking_uri: str | None = None) -> Report:
@@ -140,13 +166,33 @@ def build_report(experiment: str, *, tracking_uri: str | None = None) -> Report:
             f"experiment {experiment!r} in {uri} holds no finished run with model.backbone, "
             "loss.rank_weight and val_MAE; run a search or training into it first"
         )
-    return Report(experiment, uri, len(results), table_rows(results))
+    return Report(
+        experiment,
+        uri,
+        len(results),
+        table_rows(results),
+        _confirmations(uri, runs),
+        size_rows(results),
+    )
+
+
+def _confirmations(uri: str, runs: Sequence[Any]) -> dict[str, Confirmation]:
+    """The seed check of each search in the experiment that ran one, by search run name."""
+    from quakeray.search.confirm import read_confirmation
+
+    found = {}
+    for run in runs:
+        if run.data.tags.get(tags.ROLE) == "search":
+            confirmation = read_confirmation(uri, run.info.experiment_id, run.info.run_id)
+            if confirmation is not None:
+                found[run.info.run_name or run.info.run_id] = confirmation
+    return found
 
 
 def run_result(run: Any) -> RunResult | None:
     """A finished MLflow run as a :class:`RunResult`, or None if it does not belong."""
     run_tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
-    if run_tags.get(tags.ROLE) == "search" or run_tags.get(tags.STATUS) in (
+    if run_tags.get(tags.ROLE) in ("search", "confirm") or run_tags.get(tags.STATUS) in (
         "stopped",
         "failed",
         "cancelled",
@@ -163,6 +209,8 @@ def run_result(run: Any) -> RunResult | None:
         margin=_float(params.get("loss.margin")) or 0.0,
         config_key=config_key(params, mse_only=weight == 0),
         metrics={k: float(v) for k, v in metrics.items() if math.isfinite(float(v))},
+        seed=int(_float(params.get("optim.seed")) or 0),
+        train_fraction=_float(params.get("data.train_fraction")) or 1.0,
     )
 
 
@@ -225,7 +273,91 @@ def format_report(report: Report, fmt: Format = "text") -> str:
         "best joint-loss configuration chosen on validation"
     )
     table = markdown_table(header, body) if fmt == "markdown" else text_table(header, body)
-    return title + "\n\n" + table
+    checks = [
+        f"seed check of search {name}: {confirmation.format()}"
+        for name, confirmation in report.confirmations.items()
+    ]
+    sizes = [format_size_rows(report.sizes, fmt)] if report.sizes else []
+    return "\n\n".join([title, table, *sizes, *checks])
+
+
+def size_rows(results: Sequence[RunResult]) -> list[SizeRow]:
+    """Per backbone and ``data.train_fraction`` (when runs differ in it): both losses over seeds.
+
+    The joint side is the joint-loss configuration with the best mean validation MAE at
+    that size; the metric is ``test_MAE`` when every run of the backbone has one.
+    """
+    rows = []
+    for backbone in sorted({r.backbone for r in results}):
+        mine = [r for r in results if r.backbone == backbone]
+        fractions = sorted({r.train_fraction for r in mine})
+        if len(fractions) < 2:
+            continue
+        metric = next((m for m in _REPORT_METRICS if all(m in r.metrics for r in mine)), "val_MAE")
+        for fraction in fractions:
+            here = [r for r in mine if r.train_fraction == fraction]
+            mse = _seed_scores([r for r in here if r.rank_weight == 0], metric)
+            joint = _seed_scores([r for r in here if r.rank_weight > 0], metric)
+            constants = [c for r in here if (c := r.metrics.get(f"{metric}_const_median"))]
+            rows.append(
+                SizeRow(
+                    backbone,
+                    fraction,
+                    metric,
+                    mse,
+                    joint,
+                    paired_difference(joint.values, mse.values) if mse and joint else None,
+                    statistics.fmean(constants) if constants else None,
+                )
+            )
+    return rows
+
+
+def format_size_rows(rows: Sequence[SizeRow], fmt: Format = "text") -> str:
+    """The training-set-size table: MSE only and the joint loss per size, their difference."""
+    header = [
+        "backbone",
+        "train fraction",
+        "MAE",
+        "constant",
+        "MSE only",
+        "MSE + ranking",
+        "joint - MSE (95% CI)",
+        "verdict",
+    ]
+    body = []
+    for r in rows:
+        d = r.difference
+        paired = d is not None and d.n > 1
+        interval = f"{d.mean:+.3f} ({d.low:+.3f} to {d.high:+.3f})" if d and paired else "-"
+        verdict = (
+            "-" if not (d and paired) else "beyond noise" if d.beyond_noise else "within noise"
+        )
+        body.append(
+            [
+                r.backbone,
+                f"{r.train_fraction:g}",
+                r.metric,
+                "-" if r.constant is None else f"{r.constant:.4f}",
+                r.mse.text() if r.mse else "-",
+                r.joint.text() if r.joint else "-",
+                interval,
+                verdict,
+            ]
+        )
+    table = markdown_table(header, body) if fmt == "markdown" else text_table(header, body)
+    return "by training-set size (data.train_fraction), mean +- sd over seeds:\n\n" + table
+
+
+def _seed_scores(runs: Sequence[RunResult], metric: str) -> SeedScores | None:
+    """The best configuration (on validation) of ``runs``, its ``metric`` per seed."""
+    if not runs:
+        return None
+    groups: dict[tuple[tuple[str, str], ...], list[RunResult]] = {}
+    for r in runs:
+        groups.setdefault(r.config_key, []).append(r)
+    best = min(groups.values(), key=lambda g: statistics.fmean(_select_value(r) for r in g))
+    return SeedScores({r.seed: r.metrics.get(metric, _select_value(r)) for r in best})
 
 
 def print_report(experiment: str, *, tracking_uri: str | None = None, fmt: str = "text") -> None:

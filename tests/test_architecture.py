@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "quakeray.optim": 3,
     "quakeray.metrics": 3,
     "quakeray.checkpoint": 3,
+    "quakeray.seeds": 3,
     "quakeray.tracking": 4,
     "quakeray.inference": 4,
     "quakeray.evaluate": 4,

@@ -5,7 +5,16 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from quakeray.report import Report, format_report, run_result, table_rows
+import pytest
+
+from quakeray.report import (
+    Report,
+    format_report,
+    format_size_rows,
+    run_result,
+    size_rows,
+    table_rows,
+)
 
 
 def _run(run_id: str, weight: float, seed: int, metrics: dict[str, float]) -> Any:
@@ -44,3 +53,32 @@ def test_the_constant_stands_beside_the_mae_and_old_runs_get_a_blank() -> None:
     assert row.constant is None
     line = format_report(Report("old", "x", 2, [row])).splitlines()[-1]
     assert line.split()[:3] == ["test_resnet", "best_val_MAE", "-"]
+
+
+def _sized(run_id: str, weight: float, seed: int, fraction: float, mae: float) -> Any:
+    run = _run(run_id, weight, seed, {"test_MAE": mae, "best_val_MAE": mae})
+    run.data.params["data.train_fraction"] = str(fraction)
+    run.data.metrics["test_MAE_const_median"] = 2.0
+    return run
+
+
+def test_by_training_set_size_a_known_gain_and_no_gain() -> None:
+    runs = []
+    for seed, noise in ((1, 0.0), (2, 0.2), (3, -0.1)):
+        # At 10% the ranking term wins by 0.3 on every seed; at 100% they tie within noise.
+        runs.append(_sized(f"m10-{seed}", 0.0, seed, 0.1, 1.5 + noise))
+        runs.append(_sized(f"j10-{seed}", 1.0, seed, 0.1, 1.2 + noise + 0.01 * seed))
+        runs.append(_sized(f"m100-{seed}", 0.0, seed, 1.0, 0.8 + noise))
+        runs.append(_sized(f"j100-{seed}", 1.0, seed, 1.0, 0.8 + noise + 0.05 * (seed - 2)))
+    rows = size_rows([r for r in map(run_result, runs) if r is not None])
+    assert [(r.train_fraction, r.metric) for r in rows] == [(0.1, "test_MAE"), (1.0, "test_MAE")]
+    low, full = rows
+    assert low.mse is not None and sorted(low.mse.values) == [1, 2, 3]
+    assert low.difference is not None and low.difference.beyond_noise
+    assert low.difference.mean == pytest.approx(-0.3 + 0.02)
+    assert full.difference is not None and not full.difference.beyond_noise
+    assert low.constant == 2.0
+    text = format_size_rows(rows)
+    assert "beyond noise" in text and "within noise" in text and "0.1 " in text
+    # One size only: no section.
+    assert size_rows([r for r in map(run_result, runs[:2]) if r is not None]) == []

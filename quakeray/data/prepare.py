@@ -14,7 +14,7 @@ from quakeray import storage
 from quakeray.config import ExperimentConfig
 from quakeray.errors import DataError
 
-__all__ = ["PreparedData", "prepare_data", "synthetic_path"]
+__all__ = ["PreparedData", "prepare_data", "synthetic_path", "train_subset"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,29 @@ def synthetic_path(cfg: ExperimentConfig) -> Path:
         else Path(storage.resolve(location)) / "data"
     )
     return root / f"synthetic-e{d.synthetic_events}-s{d.synthetic_size}-seed{d.synthetic_seed}.h5"
+
+
+def train_subset(cfg: ExperimentConfig, path: str | Path) -> set[str] | None:
+    """The train events this run uses (``data.train_fraction``, drawn with ``optim.seed``)."""
+    from quakeray.data.subsample import train_events
+
+    return train_events(path, cfg.data.train_fraction, seed=cfg.optim.seed)
+
+
+def _check_train_fraction(cfg: ExperimentConfig, path: Path) -> None:
+    """A subsample must hold at least one batch (the loop would run no step otherwise)."""
+    from quakeray.data.quakeset import QuakeSetDataset
+
+    events = train_subset(cfg, path)
+    if events is None:
+        return
+    n = len(QuakeSetDataset(path, "train", positives_only=cfg.data.positives_only, events=events))
+    if n < cfg.optim.batch_size:
+        raise DataError(
+            f"data.train_fraction={cfg.data.train_fraction} leaves {n} train samples of {path} "
+            f"({len(events)} events), fewer than one batch (optim.batch_size="
+            f"{cfg.optim.batch_size}); raise data.train_fraction or lower optim.batch_size"
+        )
 
 
 def prepare_data(cfg: ExperimentConfig) -> PreparedData:
@@ -79,6 +102,7 @@ def prepare_data(cfg: ExperimentConfig) -> PreparedData:
         n = len(QuakeSetDataset(path, split, positives_only=d.positives_only))  # type: ignore[arg-type]
         if n == 0:
             raise DataError(f"{path}: the {split} split holds no samples; use a file with one")
+    _check_train_fraction(cfg, path)
     stats_path: Path | None = None
     if d.normalize:
         stats_path = (

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,6 +73,8 @@ class QuakeSetDataset(Dataset[dict[str, Any]]):
         positives_only: Drop the ``(before, pre)`` negatives.
         layout: ``stacked`` gives images ``(4, H, W)`` = [t0 VV, t0 VH, t1 VV, t1 VH];
             ``temporal`` gives ``(2, 2, H, W)`` = time x polarisation.
+        events: Keep only these event ids of the split (a subsample, see
+            :mod:`quakeray.data.subsample`); None keeps every event.
 
     Attributes:
         magnitudes: float32 magnitude per sample (0 for negatives), known without reading pixels.
@@ -92,6 +94,7 @@ class QuakeSetDataset(Dataset[dict[str, Any]]):
         *,
         positives_only: bool = False,
         layout: Layout = "stacked",
+        events: Collection[str] | None = None,
     ) -> None:
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r} for {path}; use one of {', '.join(SPLITS)}")
@@ -102,8 +105,8 @@ class QuakeSetDataset(Dataset[dict[str, Any]]):
         self.positives_only = positives_only
         self.layout: Layout = layout
         with open_h5(self.path) as f:
-            events = read_layout(f, self.path)
-        self.image_size: tuple[int, int] = image_size(events)
+            file_events = read_layout(f, self.path)
+        self.image_size: tuple[int, int] = image_size(file_events)
 
         # The index, built once: two dataset paths per sample, and the metadata as arrays.
         sources: list[tuple[str, str]] = []
@@ -111,8 +114,9 @@ class QuakeSetDataset(Dataset[dict[str, Any]]):
         labels: list[int] = []
         self.event_ids: list[str] = []
         self.patches: list[str] = []
-        for event in events:
-            if event.split != SPLITS[split]:
+        keep = None if events is None else set(events)
+        for event in file_events:
+            if event.split != SPLITS[split] or (keep is not None and event.event_id not in keep):
                 continue
             for patch in event.patches:
                 base = f"/{event.event_id}/{patch.name}/"

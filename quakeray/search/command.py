@@ -19,12 +19,8 @@ Example:
 from __future__ import annotations
 
 import math
-import os
-import signal
-import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -33,8 +29,7 @@ from quakeray import storage, tracking
 from quakeray.config import ExperimentConfig, get_dotted, replace, to_dict, with_overrides
 from quakeray.data.prepare import PreparedData
 from quakeray.errors import SearchError
-from quakeray.metrics import EPOCH_METRICS, SCORE_METRIC
-from quakeray.search.finalizer import wait_for_finalizers
+from quakeray.search.confirm import confirm, log_confirmation
 from quakeray.search.results import (
     SearchSummary,
     best_row,
@@ -60,26 +55,14 @@ from quakeray.search.state import (
     train_run_dir,
     write_state,
 )
-from quakeray.search.tracker import TrialRunOpener, TrialRunTracker
-from quakeray.search.trial import TrialSetup, search_trial
+from quakeray.search.tracker import TrialRunOpener
+from quakeray.search.tuner import Search, fit, new_tuner, restored_tuner
 from quakeray.tracking import tags
 
 if TYPE_CHECKING:
-    from ray.tune import ResultGrid, Tuner
+    from ray.tune import ResultGrid
 
 __all__ = ["run_search"]
-
-
-@dataclass(frozen=True)
-class _Search:
-    """Where one search lives: its config, folder, MLflow parent run and data."""
-
-    cfg: ExperimentConfig
-    folder: str
-    uri: str
-    experiment_id: str
-    parent: str
-    data: PreparedData
 
 
 def run_search(
@@ -112,14 +95,24 @@ def run_search(
     _start_ray(cfg, data, uri)
     if resumed:
         search = _reopen(cfg, *resumed, data=data)
-        tuner = _restored_tuner(search)
+        tuner = restored_tuner(search, folder=search.folder)
     else:
         search, searcher = _start(cfg, uri, data)
-        tuner = _new_tuner(search, searcher, callbacks)
+        tuner = new_tuner(
+            search,
+            searcher,
+            folder=search.folder,
+            num_samples=num_trials(cfg),
+            scheduler=build_scheduler(cfg),
+            callbacks=callbacks,
+        )
     print(f"search folder {search.folder}; MLflow parent run {search.parent} in {uri}", flush=True)
-    results = _fit(tuner, search)
+    results = fit(tuner, search)
     try:
         summary = _finish(search, results)
+        if cfg.search.confirm and summary.best is not None:
+            summary.confirmation = confirm(search, summary.best)
+            log_confirmation(search, summary.confirmation)
     except BaseException as exc:
         tracking.end_run(
             uri, search.parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
@@ -182,7 +175,7 @@ def _start_ray(cfg: ExperimentConfig, data: PreparedData, uri: str) -> None:
     )
 
 
-def _start(cfg: ExperimentConfig, uri: str, data: PreparedData) -> tuple[_Search, Any]:
+def _start(cfg: ExperimentConfig, uri: str, data: PreparedData) -> tuple[Search, Any]:
     """A new search: its folder, searcher, parent run and state file (in that order)."""
     s = cfg.search
     # Everything that can refuse the search runs before its folder and parent run exist.
@@ -222,7 +215,7 @@ def _start(cfg: ExperimentConfig, uri: str, data: PreparedData) -> tuple[_Search
             "optuna.storage": s.optuna_storage or "memory",
         }
     )
-    search = _Search(cfg, folder, uri, experiment_id, parent, data)
+    search = Search(cfg, folder, uri, experiment_id, parent, data)
     opener = TrialRunOpener(
         searcher,
         uri=uri,
@@ -236,133 +229,16 @@ def _start(cfg: ExperimentConfig, uri: str, data: PreparedData) -> tuple[_Search
 
 def _reopen(
     cfg: ExperimentConfig, folder: str, state: SearchState, *, data: PreparedData
-) -> _Search:
+) -> Search:
     """A resumed search: its parent run RUNNING again."""
     tracking.mlflow_client(state.tracking_uri).update_run(state.parent_run_id, status="RUNNING")
-    return _Search(cfg, folder, state.tracking_uri, state.experiment_id, state.parent_run_id, data)
-
-
-# --------------------------------------------------------------------------- the tuner
-
-
-def _trainable(search: _Search) -> Any:
-    from ray import tune
-
-    setup = TrialSetup(
-        base=search.cfg,
-        tracking_uri=search.uri,
-        data=search.data,
-        train_storage=storage.join(search.folder, TRAIN_SUBDIR),
-        test_trials=search.cfg.search.test_trials,
-    )
-    return tune.with_resources(
-        tune.with_parameters(search_trial, setup=setup), {"cpu": search.cfg.search.trial_cpus}
-    )
-
-
-def _new_tuner(search: _Search, searcher: Any, callbacks: Sequence[Any]) -> Tuner:
-    from ray import tune
-
-    s = search.cfg.search
-    tracker = TrialRunTracker(
-        search.uri,
-        search.experiment_id,
-        search.parent,
-        base=search.cfg,
-        metric_names=EPOCH_METRICS,
-        score_metric=SCORE_METRIC,
-        train_storage=storage.join(search.folder, TRAIN_SUBDIR),
-    )
-    return tune.Tuner(
-        _trainable(search),
-        tune_config=tune.TuneConfig(
-            search_alg=searcher,
-            scheduler=build_scheduler(search.cfg),
-            metric=s.metric,
-            mode=s.mode,
-            num_samples=num_trials(search.cfg),
-        ),
-        run_config=tune.RunConfig(
-            name=storage.name(search.folder),
-            storage_path=storage.parent(search.folder),
-            callbacks=[tracker, *callbacks],
-            # Trials do not retry at Tune level: Train restarts failed workers itself.
-            failure_config=tune.FailureConfig(max_failures=0),
-        ),
-    )
-
-
-def _restored_tuner(search: _Search) -> Tuner:
-    from ray import tune
-
-    return tune.Tuner.restore(
-        search.folder,
-        _trainable(search),
-        resume_unfinished=True,
-        resume_errored=False,
-        restart_errored=False,
-    )
-
-
-def _fit(tuner: Tuner, search: _Search) -> ResultGrid:
-    """``tuner.fit()``; an interrupted search closes its open runs and says how to resume.
-
-    Raises:
-        KeyboardInterrupt: Ctrl-C (or SIGTERM), during the fit or caught by Tune.
-    """
-    handler = signal.getsignal(signal.SIGINT)
-    try:
-        try:
-            results = tuner.fit()
-        finally:
-            # Ended trials' runs are closed before anything reads runs or closes the rest.
-            wait_for_finalizers()
-        interrupted = _tune_was_interrupted()
-    except BaseException as exc:
-        # Trials still open were cut off with the driver: cancelled, resumable.
-        _stop(search, by_user=isinstance(exc, KeyboardInterrupt))
-        raise
-    finally:
-        # Tune leaves its own SIGINT handler behind, which would swallow a later Ctrl-C.
-        _restore_sigint(handler)
-    if interrupted:
-        _stop(search, by_user=True)
-        raise KeyboardInterrupt
-    return results
-
-
-def _stop(search: _Search, *, by_user: bool) -> None:
-    close_open_children(search.uri, search.experiment_id, search.parent)
-    tracking.end_run(search.uri, search.parent, "KILLED" if by_user else "FAILED")
-    if by_user:
-        print(f"interrupted; continue with: quakeray tune --resume {search.folder}", flush=True)
-
-
-def _tune_was_interrupted() -> bool:
-    """Whether ``Tuner.fit`` returned because of Ctrl-C (SIGINT) or SIGUSR1.
-
-    Tune reports an interruption only in a log line, and its returned trials all look
-    TERMINATED (it stops live trials on the way out). But its signal handler, installed
-    for the duration of ``fit`` on the main thread, puts the previous handler back when
-    the signal arrives, and stays installed otherwise.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    if int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0")):
-        return False
-    current = signal.getsignal(signal.SIGINT)
-    return getattr(current, "__name__", "") != "signal_interrupt_tune_run"
-
-
-def _restore_sigint(handler: Any) -> None:
-    if threading.current_thread() is threading.main_thread() and handler is not None:
-        signal.signal(signal.SIGINT, handler)
+    return Search(cfg, folder, state.tracking_uri, state.experiment_id, state.parent_run_id, data)
 
 
 # --------------------------------------------------------------------------- the end
 
 
-def _finish(search: _Search, results: ResultGrid) -> SearchSummary:
+def _finish(search: Search, results: ResultGrid) -> SearchSummary:
     """Close every trial run, log the results to the parent, pick and test the best."""
     cfg, s = search.cfg, search.cfg.search
     finish_orphaned_runs(
@@ -395,6 +271,8 @@ def _finish(search: _Search, results: ResultGrid) -> SearchSummary:
         best_checkpoint=None,
     )
     _log_results(search, summary)
+    if "data.train_fraction" in s.space:
+        _log_size_study(search)
     if summary.best is None:
         errors = [r.error for r in results_list(results) if r.error is not None]
         first = (
@@ -407,7 +285,7 @@ def _finish(search: _Search, results: ResultGrid) -> SearchSummary:
     return summary
 
 
-def _log_results(search: _Search, summary: SearchSummary) -> None:
+def _log_results(search: Search, summary: SearchSummary) -> None:
     """The parent run gets ``results.csv``, the search's figures and the trial counts."""
     from quakeray.plots import history_figure, margin_weight_figure
 
@@ -427,7 +305,33 @@ def _log_results(search: _Search, summary: SearchSummary) -> None:
     )
 
 
-def _log_best(search: _Search, summary: SearchSummary) -> None:
+def _log_size_study(search: Search) -> None:
+    """A search over ``data.train_fraction``: both losses against training-set size."""
+    from quakeray.plots import size_figure
+    from quakeray.report import format_size_rows, run_result, size_rows
+
+    runs = child_runs(search.uri, search.experiment_id, search.parent)
+    results = [r for r in map(run_result, runs) if r is not None]
+    rows = size_rows(results)
+    if not rows:
+        return
+    rows = [r for r in rows if r.backbone == rows[0].backbone]  # one figure, one backbone
+    logger = tracking.RunLogger(search.uri, search.parent)
+    logger.log_text(format_size_rows(rows) + "\n", "train_size.txt")
+    constants = [r.constant for r in rows if r.constant is not None]
+    figure = size_figure(
+        [r.train_fraction for r in rows],
+        {
+            "MSE only": [(r.mse.mean, r.mse.sd or 0.0) if r.mse else None for r in rows],
+            "MSE + ranking": [(r.joint.mean, r.joint.sd or 0.0) if r.joint else None for r in rows],
+        },
+        metric=rows[0].metric,
+        constant=sum(constants) / len(constants) if constants else None,
+    )
+    logger.log_figure(figure, "plots/train_size.png")
+
+
+def _log_best(search: Search, summary: SearchSummary) -> None:
     """The best trial's value, tags, config and checkpoint on the parent; its test score."""
     from quakeray.checkpoint import best_checkpoint
 

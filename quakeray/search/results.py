@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from quakeray.search.space import sample_of
+from quakeray.seeds import PairedDifference, SeedScores
 from quakeray.tables import csv_text, text_table
 from quakeray.tracking import tags
 
@@ -23,11 +24,13 @@ if TYPE_CHECKING:
     from ray.tune import ResultGrid
 
 __all__ = [
+    "Confirmation",
     "SearchSummary",
     "TrialRow",
     "best_row",
     "collect_rows",
     "format_table",
+    "parse_param",
     "rank_rows",
     "results_list",
     "rows_csv",
@@ -56,6 +59,50 @@ class TrialRow:
         return self.value / self.baseline
 
 
+@dataclass(frozen=True)
+class Confirmation:
+    """The search's answer trained again on fresh seeds and scored on test.
+
+    ``scores`` holds, per confirmed configuration (``mse_only``, ``paper``, ``best``), its
+    score on each seed; ``differences`` each joint-loss configuration against
+    ``mse_only``, paired by seed.
+    """
+
+    metric: str  # the score: test_MAE
+    configs: dict[str, dict[str, Any]]  # label -> its settings
+    scores: dict[str, SeedScores]  # label -> score per seed
+    constant: float | None  # the metric of the constant train-median predictor
+    differences: dict[str, PairedDifference]  # joint label -> (label - mse_only) by seed
+
+    def verdicts(self) -> list[str]:
+        """One sentence per joint-loss configuration against MSE only."""
+        return [
+            d.verdict(f"{label} ({_params_text(self.configs[label])})", "MSE only", self.metric)
+            for label, d in self.differences.items()
+        ]
+
+    def table(self) -> str:
+        """Each configuration: its settings, the metric over seeds, x the constant."""
+        body = [
+            [
+                label,
+                _params_text(self.configs[label]),
+                scores.text(),
+                f"{scores.mean / self.constant:.2f}" if self.constant else "-",
+            ]
+            for label, scores in self.scores.items()
+        ]
+        return text_table(["confirmed", "settings", self.metric, "x constant"], body)
+
+    def format(self) -> str:
+        """The table, the constant, and the verdicts."""
+        n = max((s.n for s in self.scores.values()), default=0)
+        lines = [f"confirmed on {n} fresh seeds, scored on the test split:", "", self.table()]
+        if self.constant is not None:
+            lines.append(f"constant train median: {self.metric} {self.constant:.4f}")
+        return "\n".join([*lines, "", *self.verdicts()])
+
+
 @dataclass
 class SearchSummary:
     """What ``quakeray tune`` produced."""
@@ -71,6 +118,7 @@ class SearchSummary:
     best: TrialRow | None
     best_checkpoint: str | None
     test_metrics: dict[str, float] = field(default_factory=dict)
+    confirmation: Confirmation | None = None
     wall_s: float = 0.0
 
     @property
@@ -112,6 +160,8 @@ class SearchSummary:
             lines.append(f"best config      {_params_text(self.best.params)}")
             lines.append(f"best checkpoint  {self.best_checkpoint}")
         lines += _test_lines(self.test_metrics)
+        if self.confirmation is not None:
+            lines += ["", self.confirmation.format(), ""]
         lines.append(f"search folder    {self.search_dir}")
         lines.append(f"MLflow           parent run {self.parent_run_id} in {self.tracking_uri}")
         lines.append(f"browse with      {mlflow_ui_command(self.tracking_uri)}")
@@ -194,6 +244,8 @@ def collect_rows(
     rows = []
     for run in runs:
         run_tags = run.data.tags
+        if run_tags.get(tags.ROLE, "trial") != "trial":
+            continue  # seed confirmations are reported apart
         tid = run_tags.get(tags.TRIAL_ID, "")
         res = by_trial.get(tid)
         if res is not None:
@@ -202,7 +254,7 @@ def collect_rows(
             epochs = int(reported["epoch"]) + 1 if "epoch" in reported else 0
         else:
             params = {
-                k[len("trial.") :]: _parse(v)
+                k[len("trial.") :]: parse_param(v)
                 for k, v in run.data.params.items()
                 if k.startswith("trial.")
             }
@@ -257,7 +309,8 @@ def _test_lines(metrics: Mapping[str, float]) -> list[str]:
     return lines
 
 
-def _parse(text: str) -> Any:
+def parse_param(text: str) -> Any:
+    """An MLflow param's value back as YAML reads it (``0.02`` -> 0.02); else the text."""
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:

@@ -28,7 +28,13 @@ from quakeray.config import ExperimentConfig, SpaceParam, get_dotted
 from quakeray.errors import SearchError
 from quakeray.search.space import REFERENCE_KEY, ReferencePoint, optuna_space, reference_points
 
-__all__ = ["GridSearcher", "ReferenceFirst", "SearcherWrapper", "build_searcher"]
+__all__ = [
+    "GridSearcher",
+    "PointsSearcher",
+    "ReferenceFirst",
+    "SearcherWrapper",
+    "build_searcher",
+]
 
 log = logging.getLogger(__name__)
 
@@ -184,26 +190,22 @@ class ReferenceFirst(SearcherWrapper):
         return next(values for n, values in self._points if n == name)
 
 
-class GridSearcher(Searcher):  # type: ignore[misc]
-    """Every combination of the choice parameters, in space order (last key fastest).
+class PointsSearcher(Searcher):  # type: ignore[misc]
+    """Fixed configurations, served in order, then Tune's FINISHED.
 
-    Deterministic and exhaustive, unlike Optuna's GridSampler under ask/tell (random
-    order, and an error from ``tell`` after the last point). Used for protocols such as
-    every backbone x {MSE, MSE + ranking} x 3 seeds.
+    Deterministic; its position is saved with Tune's experiment, so a resumed run neither
+    repeats nor skips a point. The grid and a search's seed confirmation are lists of
+    points.
     """
 
-    def __init__(self, space: Mapping[str, SpaceParam], *, metric: str, mode: str) -> None:
+    def __init__(self, points: Sequence[Mapping[str, Any]], *, metric: str, mode: str) -> None:
         super().__init__(metric=metric, mode=mode)
-        self._names = list(space)
-        self._points = [
-            dict(zip(self._names, combo, strict=True))
-            for combo in itertools.product(*(list(p.choices or []) for p in space.values()))
-        ]
+        self._points = [dict(p) for p in points]
         self._next = 0
 
     # Ray annotates suggest() as returning a dict, yet its own FINISHED sentinel is a str.
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
-        """The next grid point, or Tune's FINISHED sentinel when the grid is exhausted."""
+        """The next point, or Tune's FINISHED sentinel when none is left."""
         if self._next >= len(self._points):
             return str(self.FINISHED)
         point = self._points[self._next]
@@ -213,29 +215,45 @@ class GridSearcher(Searcher):  # type: ignore[misc]
     def on_trial_complete(
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
     ) -> None:
-        """Nothing to learn: a grid does not adapt."""
+        """Nothing to learn: fixed points do not adapt."""
 
     def get_state(self) -> dict[str, Any]:
-        """Position in the grid."""
+        """The points and the position among them."""
         return dict(self.__dict__)
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Restore the position in the grid."""
+        """Restore the position among the points."""
         self.__dict__.update(state)
 
     def save(self, checkpoint_path: str) -> None:
-        """Pickle the position in the grid (Tune's experiment checkpoint)."""
+        """Pickle the position (Tune's experiment checkpoint)."""
         import pickle
 
         with open(checkpoint_path, "wb") as fh:
             pickle.dump(self.get_state(), fh)
 
     def restore(self, checkpoint_path: str) -> None:
-        """Read the position in the grid back."""
+        """Read the position back."""
         import pickle
 
         with open(checkpoint_path, "rb") as fh:
             self.set_state(pickle.load(fh))
+
+
+class GridSearcher(PointsSearcher):
+    """Every combination of the choice parameters, in space order (last key fastest).
+
+    Deterministic and exhaustive, unlike Optuna's GridSampler under ask/tell (random
+    order, and an error from ``tell`` after the last point). Used for protocols such as
+    every backbone x {MSE, MSE + ranking} x 3 seeds.
+    """
+
+    def __init__(self, space: Mapping[str, SpaceParam], *, metric: str, mode: str) -> None:
+        names = list(space)
+        combos = itertools.product(*(list(p.choices or []) for p in space.values()))
+        super().__init__(
+            [dict(zip(names, combo, strict=True)) for combo in combos], metric=metric, mode=mode
+        )
 
 
 def _inside(searcher: Searcher, params: Mapping[str, Any]) -> bool:

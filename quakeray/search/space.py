@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
 
 __all__ = [
+    "CONFIRM_KEY",
     "REFERENCE_KEY",
     "REFERENCE_POINTS",
     "ReferencePoint",
@@ -45,6 +46,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+CONFIRM_KEY = "_confirm"
+"""Key of a confirmation trial's config naming what it confirms (mse_only | paper | best)."""
 
 REFERENCE_KEY = "_reference"
 """Key of a trial's config that names its reference point (absent for sampled trials)."""

@@ -31,7 +31,7 @@ from quakeray.search.runs import (
     reopen_trial_run,
 )
 from quakeray.search.searchers import SearcherWrapper
-from quakeray.search.space import REFERENCE_KEY, sample_of, trial_config
+from quakeray.search.space import CONFIRM_KEY, REFERENCE_KEY, sample_of, trial_config
 from quakeray.tracking import tags
 
 if TYPE_CHECKING:
@@ -77,16 +77,22 @@ class TrialRunOpener(SearcherWrapper):
         return {**config, RUN_KEY: self._open(trial_id, config)}
 
     def _open(self, trial_id: str, config: Mapping[str, Any]) -> str:
-        reference = config.get(REFERENCE_KEY)
+        reference, confirm = config.get(REFERENCE_KEY), config.get(CONFIRM_KEY)
         run_tags = {tags.SEARCH: self.search_name}
+        run_name = f"trial-{trial_id}"
         if reference:
             run_tags[tags.REFERENCE] = reference
+            run_name += f"-{reference}"
+        if confirm:
+            seed = str(config.get("optim.seed", ""))
+            run_tags |= {tags.ROLE: "confirm", tags.CONFIRM: confirm, tags.SEED: seed}
+            run_name = f"seed-{confirm}-{seed}"
         run_id = open_trial_run(
             self.uri,
             self.experiment_id,
             self.parent_run_id,
             trial_id,
-            run_name=f"trial-{trial_id}" + (f"-{reference}" if reference else ""),
+            run_name=run_name,
             extra_tags=run_tags,
         )
         sample = sample_of(config)

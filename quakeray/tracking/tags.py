@@ -11,6 +11,7 @@ __all__ = [
     "BEST_EPOCH",
     "BEST_RUN_ID",
     "BEST_TRIAL_ID",
+    "CONFIRM",
     "ERROR",
     "REFERENCE",
     "RESTARTS",
@@ -19,8 +20,10 @@ __all__ = [
     "RUN_DIR",
     "SEARCH",
     "SEARCH_DIR",
+    "SEED",
     "STATUS",
     "TRIAL_ID",
+    "VERDICT",
 ]
 
 # Every run that trained a model (a `quakeray train` run, a search trial).
@@ -35,7 +38,7 @@ BACKBONE = "quakeray.backbone"  # model.backbone
 RESUMED_FROM = "quakeray.resumed_from"  # the checkpoint folder given to --resume
 
 # Runs of a search: the parent (role "search") and one child per trial (role "trial").
-ROLE = "quakeray.role"  # "search" | "trial"
+ROLE = "quakeray.role"  # "search" | "trial" | "confirm" (a seed confirmation run)
 SEARCH = "quakeray.search"  # search name
 SEARCH_DIR = "quakeray.search_dir"  # folder to pass to --resume
 TRIAL_ID = "quakeray.trial_id"  # Tune trial id
@@ -45,3 +48,6 @@ ERROR = "quakeray.error"  # first line of a failed trial's error
 RESTARTS = "quakeray.restarts"  # times Tune restarted the trial
 BEST_TRIAL_ID = "quakeray.best_trial_id"  # on the parent: the best trial
 BEST_RUN_ID = "quakeray.best_run_id"  # on the parent: the best trial's run
+CONFIRM = "quakeray.confirm"  # confirmation runs: mse_only | paper | best
+SEED = "quakeray.seed"  # confirmation runs: their optim.seed
+VERDICT = "quakeray.verdict"  # on the parent: the seed-confirmed verdict, one sentence

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from quakeray.checkpoint import load_checkpoint
 from quakeray.config import ExperimentConfig, replace
-from quakeray.data.prepare import PreparedData
+from quakeray.data.prepare import PreparedData, train_subset
 from quakeray.data.quakeset import QuakeSetDataset, collate
 from quakeray.data.transforms import BatchTransform, ChannelStats, build_transform
 from quakeray.losses import JointLoss, build_loss
@@ -97,7 +97,9 @@ def build_data(
 
     stats = ChannelStats.load(data.stats_path) if data.stats_path else None
     positives_only = cfg.data.positives_only
-    train_set = QuakeSetDataset(data.path, "train", positives_only=positives_only)
+    train_set = QuakeSetDataset(
+        data.path, "train", positives_only=positives_only, events=train_subset(cfg, data.path)
+    )
     val_set = QuakeSetDataset(data.path, "val", positives_only=positives_only)
     native = int(train_set.image_size[0])
     img_size = input_size_for(cfg.model, cfg.data.image_size or native)
