@@ -55,7 +55,6 @@ from quakeray.search.state import (
     train_run_dir,
     write_state,
 )
-from quakeray.search.tracker import TrialRunOpener
 from quakeray.search.tuner import Search, fit, new_tuner, restored_tuner
 from quakeray.tracking import tags
 
@@ -216,15 +215,7 @@ def _start(cfg: ExperimentConfig, uri: str, data: PreparedData) -> tuple[Search,
         }
     )
     search = Search(cfg, folder, uri, experiment_id, parent, data)
-    opener = TrialRunOpener(
-        searcher,
-        uri=uri,
-        experiment_id=experiment_id,
-        parent_run_id=parent,
-        search_name=s.name,
-        base=cfg,
-    )
-    return search, opener
+    return search, searcher
 
 
 def _reopen(

@@ -21,7 +21,6 @@ from quakeray.search.results import Confirmation, TrialRow, parse_param
 from quakeray.search.runs import child_runs
 from quakeray.search.searchers import PointsSearcher
 from quakeray.search.space import CONFIRM_KEY, REFERENCE_POINTS
-from quakeray.search.tracker import TrialRunOpener
 from quakeray.search.tuner import Search, fit, new_tuner, restored_tuner
 from quakeray.seeds import SeedScores, paired_difference
 from quakeray.tracking import tags
@@ -84,16 +83,8 @@ def confirm(search: Search, best: TrialRow) -> Confirmation:
     else:
         s = search.cfg.search
         points = confirmation_points(search.cfg, best)
-        searcher = TrialRunOpener(
-            ConcurrencyLimiter(
-                PointsSearcher(points, metric=s.metric, mode=s.mode),
-                max_concurrent=s.max_concurrent,
-            ),
-            uri=search.uri,
-            experiment_id=search.experiment_id,
-            parent_run_id=search.parent,
-            search_name=s.name,
-            base=search.cfg,
+        searcher = ConcurrencyLimiter(
+            PointsSearcher(points, metric=s.metric, mode=s.mode), max_concurrent=s.max_concurrent
         )
         tuner = new_tuner(
             search, searcher, folder=folder, num_samples=len(points), test_trials=True

@@ -21,7 +21,7 @@ from quakeray.metrics import EPOCH_METRICS, SCORE_METRIC
 from quakeray.search.finalizer import wait_for_finalizers
 from quakeray.search.runs import close_open_children
 from quakeray.search.state import TRAIN_SUBDIR
-from quakeray.search.tracker import TrialRunTracker
+from quakeray.search.tracker import TrialRunOpener, TrialRunTracker
 from quakeray.search.trial import TrialSetup, search_trial
 
 if TYPE_CHECKING:
@@ -69,10 +69,21 @@ def new_tuner(
     test_trials: bool = False,
     callbacks: Sequence[Any] = (),
 ) -> Tuner:
-    """A Tune experiment in ``folder`` whose trials log into child runs of the search."""
+    """A Tune experiment in ``folder`` whose trials log into child runs of the search.
+
+    ``searcher`` is wrapped in the :class:`TrialRunOpener` that opens each trial's run.
+    """
     from ray import tune
 
     s = search.cfg.search
+    opener = TrialRunOpener(
+        searcher,
+        uri=search.uri,
+        experiment_id=search.experiment_id,
+        parent_run_id=search.parent,
+        search_name=s.name,
+        base=search.cfg,
+    )
     tracker = TrialRunTracker(
         search.uri,
         search.experiment_id,
@@ -85,7 +96,7 @@ def new_tuner(
     return tune.Tuner(
         trainable(search, test_trials=test_trials),
         tune_config=tune.TuneConfig(
-            search_alg=searcher,
+            search_alg=opener,
             scheduler=scheduler,
             metric=s.metric,
             mode=s.mode,
