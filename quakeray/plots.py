@@ -236,7 +236,9 @@ def confirmation_figure(
     ax.bar(labels, means, yerr=sds, capsize=6, color="tab:blue", alpha=0.8)
     if constant is not None:
         ax.axhline(constant, color="tab:red", linestyle="--", label="constant (train median)")
-        ax.legend(loc="best", fontsize="small")
+        top = max([constant, *(m + s for m, s in zip(means, sds, strict=True))])
+        ax.set_ylim(0, 1.25 * top)  # room for the legend above the line and the bars
+        ax.legend(loc="upper right", fontsize="small")
     ax.set_ylabel(f"{metric} (mean +- sd over seeds)")
     ax.set_title("the search's answer on fresh seeds")
     return fig

@@ -158,5 +158,8 @@ def log_confirmation(search: Search, confirmation: Confirmation) -> None:
         step=0,
     )
     verdicts = confirmation.verdicts()
-    if verdicts:
-        logger.set_tags({tags.VERDICT: verdicts[-1]})
+    # The run's description (MLflow's note) is what its page shows first.
+    note = "\n\n".join(["**Seed check**", *verdicts, f"```\n{confirmation.format()}\n```"])
+    logger.set_tags(
+        {"mlflow.note.content": note} | ({tags.VERDICT: verdicts[-1]} if verdicts else {})
+    )

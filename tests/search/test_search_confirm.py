@@ -88,6 +88,8 @@ def test_the_parent_run_and_the_summary_carry_the_verdict(
     assert parent.info.status == "FINISHED"
     verdict = parent.data.tags["quakeray.verdict"]
     assert "against MSE only" in verdict and "seed" in verdict
+    note = parent.data.tags["mlflow.note.content"]  # the run page's description
+    assert note.startswith("**Seed check**") and verdict in note
     assert {"confirm_mse_only_test_MAE", "confirm_paper_test_MAE"} <= set(parent.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(summary.parent_run_id)}
     artifacts |= {a.path for a in client.list_artifacts(summary.parent_run_id, "plots")}
