@@ -94,7 +94,7 @@ def run_search(
     _start_ray(cfg, data, uri)
     if resumed:
         search = _reopen(cfg, *resumed, data=data)
-        tuner = restored_tuner(search, folder=search.folder)
+        tuner = restored_tuner(search, folder=search.folder, test_trials=cfg.search.test_trials)
     else:
         search, searcher = _start(cfg, uri, data)
         tuner = new_tuner(
@@ -103,6 +103,7 @@ def run_search(
             folder=search.folder,
             num_samples=num_trials(cfg),
             scheduler=build_scheduler(cfg),
+            test_trials=cfg.search.test_trials,
             callbacks=callbacks,
         )
     print(f"search folder {search.folder}; MLflow parent run {search.parent} in {uri}", flush=True)

@@ -65,8 +65,8 @@ def new_tuner(
     *,
     folder: str,
     num_samples: int,
+    test_trials: bool,
     scheduler: TrialScheduler | None = None,
-    test_trials: bool = False,
     callbacks: Sequence[Any] = (),
 ) -> Tuner:
     """A Tune experiment in ``folder`` whose trials log into child runs of the search.
@@ -112,7 +112,7 @@ def new_tuner(
     )
 
 
-def restored_tuner(search: Search, *, folder: str, test_trials: bool = False) -> Tuner:
+def restored_tuner(search: Search, *, folder: str, test_trials: bool) -> Tuner:
     """The Tune experiment in ``folder``, restored: unfinished trials restart."""
     from ray import tune
 

@@ -43,6 +43,7 @@ def confirmed(
             "search.max_concurrent=2",
             "search.confirm=true",
             "search.confirm_seeds=2",
+            "search.test_trials=true",
         ],
     )
     return run_search(cfg), uri
@@ -53,6 +54,9 @@ def test_confirmation_trains_each_answer_on_fresh_seeds_and_scores_test(
 ) -> None:
     summary, uri = confirmed
     assert [r.reference for r in summary.rows] == ["mse_only", "paper"]  # only search trials
+    client = MlflowClient(tracking_uri=uri)
+    for row in summary.rows:  # search.test_trials: each search trial scored on test too
+        assert "test_MAE" in client.get_run(row.run_id).data.metrics
     c = summary.confirmation
     assert c is not None and c.metric == "test_MAE"
     assert sorted(c.scores) == ["mse_only", "paper"]  # the best is the paper's point
