@@ -27,8 +27,9 @@ import yaml
 
 from quakeray import storage, tracking
 from quakeray.config import ExperimentConfig, get_dotted, replace, to_dict, with_overrides
-from quakeray.data.prepare import PreparedData
+from quakeray.data.prepare import PreparedData, prepare_data
 from quakeray.errors import SearchError
+from quakeray.preflight import check_model
 from quakeray.search.confirm import confirm, log_confirmation
 from quakeray.search.results import (
     SearchSummary,
@@ -59,6 +60,7 @@ from quakeray.search.tuner import Search, fit, new_tuner, restored_tuner
 from quakeray.tracking import tags
 
 if TYPE_CHECKING:
+    from mlflow.entities import Run
     from ray.tune import ResultGrid
 
 __all__ = ["run_search"]
@@ -89,8 +91,8 @@ def run_search(
     check_metric(cfg)
     uri = resumed[1].tracking_uri if resumed else tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.check_tracking(uri)
-    data = resumed[1].data if resumed else _prepare_data(cfg)
-    _check_model(cfg, data)
+    data = resumed[1].data if resumed else prepare_data(cfg)
+    check_model(cfg, data)
     _start_ray(cfg, data, uri)
     if resumed:
         search = _reopen(cfg, *resumed, data=data)
@@ -140,18 +142,6 @@ def _config_and_state(
     cfg = replace(cfg, tracking=replace(cfg.tracking, experiment=cfg.search.name))
     print("resolved config:\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False), flush=True)
     return cfg, None
-
-
-def _prepare_data(cfg: ExperimentConfig) -> PreparedData:
-    from quakeray.data.prepare import prepare_data
-
-    return prepare_data(cfg)
-
-
-def _check_model(cfg: ExperimentConfig, data: PreparedData) -> None:
-    from quakeray.preflight import check_model
-
-    check_model(cfg, data)
 
 
 def _start_ray(cfg: ExperimentConfig, data: PreparedData, uri: str) -> None:
@@ -244,9 +234,10 @@ def _finish(search: Search, results: ResultGrid) -> SearchSummary:
     # Nobody stays RUNNING, whatever happened.
     close_open_children(search.uri, search.experiment_id, search.parent)
     shown = [*s.space, *(k for p in reference_points(cfg) for k in p.values)]
+    runs = child_runs(search.uri, search.experiment_id, search.parent)
     rows = collect_rows(
         results,
-        child_runs(search.uri, search.experiment_id, search.parent),
+        runs,
         metric=s.metric,
         base_values={k: get_dotted(cfg, k) for k in shown},
     )
@@ -264,7 +255,7 @@ def _finish(search: Search, results: ResultGrid) -> SearchSummary:
     )
     _log_results(search, summary)
     if "data.train_fraction" in s.space:
-        _log_size_study(search)
+        _log_size_study(search, runs)
     if summary.best is None:
         errors = [r.error for r in results_list(results) if r.error is not None]
         first = (
@@ -297,12 +288,11 @@ def _log_results(search: Search, summary: SearchSummary) -> None:
     )
 
 
-def _log_size_study(search: Search) -> None:
+def _log_size_study(search: Search, runs: Sequence[Run]) -> None:
     """A search over ``data.train_fraction``: both losses against training-set size."""
     from quakeray.plots import size_figure
     from quakeray.report import format_size_rows, run_result, size_rows
 
-    runs = child_runs(search.uri, search.experiment_id, search.parent)
     results = [r for r in map(run_result, runs) if r is not None]
     rows = size_rows(results)
     if not rows:
