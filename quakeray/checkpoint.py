@@ -55,6 +55,7 @@ __all__ = [
     "load_checkpoint",
     "parse_history",
     "prune_checkpoints",
+    "ranking_metric",
     "read_history",
     "read_metrics",
     "read_predictions",
@@ -333,15 +334,31 @@ def find_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def best_checkpoint(
-    run_dir: str | Path, metric: str = SCORE_METRIC, mode: str = "min"
+    run_dir: str | Path, metric: str | None = None, mode: str = "min"
 ) -> Path | None:
-    """The checkpoint folder under ``run_dir`` with the best ``metric`` (NaN never wins)."""
+    """The checkpoint folder under ``run_dir`` with the best ``metric`` (NaN never wins).
+
+    ``metric`` None: the one the run ranked its checkpoints by (its config's
+    ``run.checkpoint_metric``, read from the newest checkpoint).
+    """
+    folders = find_checkpoints(run_dir)
+    if metric is None:
+        metric = ranking_metric(folders[-1]) if folders else SCORE_METRIC
     scored = []
-    for folder in find_checkpoints(run_dir):
+    for folder in folders:
         value = read_metrics(folder).get(metric)
         if value is not None and math.isfinite(value):
             scored.append((value if mode == "min" else -value, folder.name, folder))
     return min(scored)[2] if scored else None
+
+
+def ranking_metric(folder: str | Path) -> str:
+    """The ``run.checkpoint_metric`` a checkpoint's run ranked by (memory-mapped read)."""
+    import torch
+
+    state = torch.load(resolve_state_file(folder), map_location="cpu", weights_only=True, mmap=True)
+    run = (state.get("config") or {}).get("run") or {}
+    return str(run.get("checkpoint_metric", SCORE_METRIC))
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int, metric: str = SCORE_METRIC) -> None:

@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from quakeray.config import VARIANT_KEY
 from quakeray.errors import SearchError
 from quakeray.search.results import Confirmation
 from quakeray.seeds import PairedDifference, SeedScores, paired_difference
@@ -74,6 +75,12 @@ class RunResult:
     metrics: dict[str, float]
     seed: int = 0  # optim.seed
     train_fraction: float = 1.0  # data.train_fraction
+    variant: str = ""  # the search.variants bundle the trial ran ("" = none)
+
+    @property
+    def group(self) -> str:
+        """The table row it belongs to: its backbone, and its variant when it has one."""
+        return f"{self.backbone} ({self.variant})" if self.variant else self.backbone
 
 
 @dataclass
@@ -211,6 +218,7 @@ def run_result(run: Any) -> RunResult | None:
         metrics={k: float(v) for k, v in metrics.items() if math.isfinite(float(v))},
         seed=int(_float(params.get("optim.seed")) or 0),
         train_fraction=_float(params.get("data.train_fraction")) or 1.0,
+        variant=params.get(f"trial.{VARIANT_KEY}", ""),
     )
 
 
@@ -227,10 +235,10 @@ def config_key(params: Mapping[str, str], *, mse_only: bool) -> tuple[tuple[str,
 
 
 def table_rows(results: Sequence[RunResult]) -> list[ReportRow]:
-    """One row per backbone (sorted by name)."""
+    """One row per backbone, or per backbone and variant (sorted by name)."""
     rows = []
-    for backbone in sorted({r.backbone for r in results}):
-        mine = [r for r in results if r.backbone == backbone]
+    for backbone in sorted({r.group for r in results}):
+        mine = [r for r in results if r.group == backbone]
         metric = next((m for m in _REPORT_METRICS if all(m in r.metrics for r in mine)), "val_MAE")
         mse = _best_cell([r for r in mine if r.rank_weight == 0], metric)
         joint = _best_cell([r for r in mine if r.rank_weight > 0], metric)
@@ -288,8 +296,8 @@ def size_rows(results: Sequence[RunResult]) -> list[SizeRow]:
     that size; the metric is ``test_MAE`` when every run of the backbone has one.
     """
     rows = []
-    for backbone in sorted({r.backbone for r in results}):
-        mine = [r for r in results if r.backbone == backbone]
+    for backbone in sorted({r.group for r in results}):
+        mine = [r for r in results if r.group == backbone]
         fractions = sorted({r.train_fraction for r in mine})
         if len(fractions) < 2:
             continue

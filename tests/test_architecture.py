@@ -15,6 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "quakeray"
 LAYERS: dict[str, int] = {
     "quakeray.errors": 1,
     "quakeray.config": 2,
+    "quakeray.config_files": 2,
     "quakeray.storage": 2,
     "quakeray.tables": 2,
     "quakeray.data": 3,

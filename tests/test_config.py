@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from quakeray.cli import SMOKE_TEST_OVERRIDES
 from quakeray.config import (
-    SMOKE_TEST_OVERRIDES,
     ExperimentConfig,
     dump_config,
     field_paths,

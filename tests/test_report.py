@@ -82,3 +82,24 @@ def test_by_training_set_size_a_known_gain_and_no_gain() -> None:
     assert "beyond noise" in text and "within noise" in text and "0.1 " in text
     # One size only: no section.
     assert size_rows([r for r in map(run_result, runs[:2]) if r is not None]) == []
+
+
+def test_variants_get_a_row_each_so_faithful_and_improved_stay_apart() -> None:
+    runs = []
+    for variant, mse, joint in (("faithful", 2.0, 1.9), ("improved", 1.0, 0.8)):
+        for seed in (1, 2):
+            for weight, mae in ((0.0, mse), (1.0, joint)):
+                run = _run(f"{variant}{seed}{weight}", weight, seed, {"test_MAE": mae})
+                run.data.metrics |= {"best_val_MAE": mae, "test_MAE_const_median": 1.5}
+                run.data.params["trial.variant"] = variant
+                runs.append(run)
+    rows = table_rows([r for r in map(run_result, runs) if r is not None])
+    assert [r.backbone for r in rows] == ["test_resnet (faithful)", "test_resnet (improved)"]
+    faithful, improved = rows
+    assert faithful.mse is not None and faithful.joint is not None
+    assert (faithful.mse.mean, faithful.joint.mean, faithful.mse.n) == (2.0, 1.9, 2)
+    assert improved.improvement_pct == pytest.approx(20.0)
+    # Without variants, one row per backbone as before.
+    for run in runs:
+        del run.data.params["trial.variant"]
+    assert len(table_rows([r for r in map(run_result, runs) if r is not None])) == 1

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from quakeray import storage, tracking
-from quakeray.config import ExperimentConfig, get_dotted, replace, to_dict, with_overrides
+from quakeray.config import ExperimentConfig, replace, to_dict
 from quakeray.data.prepare import PreparedData, prepare_data
 from quakeray.errors import SearchError
 from quakeray.preflight import check_model
@@ -44,9 +44,12 @@ from quakeray.search.searchers import build_searcher
 from quakeray.search.space import (
     check_metric,
     check_space,
+    data_for_every_trial,
     describe_sampler,
     num_trials,
     reference_points,
+    space_value,
+    trial_config,
 )
 from quakeray.search.state import (
     TRAIN_SUBDIR,
@@ -91,7 +94,7 @@ def run_search(
     check_metric(cfg)
     uri = resumed[1].tracking_uri if resumed else tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.check_tracking(uri)
-    data = resumed[1].data if resumed else prepare_data(cfg)
+    data = resumed[1].data if resumed else prepare_data(data_for_every_trial(cfg))
     check_model(cfg, data)
     _start_ray(cfg, data, uri)
     if resumed:
@@ -239,7 +242,7 @@ def _finish(search: Search, results: ResultGrid) -> SearchSummary:
         results,
         runs,
         metric=s.metric,
-        base_values={k: get_dotted(cfg, k) for k in shown},
+        base_values={k: space_value(cfg, k) for k in shown},
     )
     summary = SearchSummary(
         name=s.name,
@@ -320,8 +323,10 @@ def _log_best(search: Search, summary: SearchSummary) -> None:
     best, metric = summary.best, summary.metric
     assert best is not None
     run_dir = train_run_dir(search.folder, best.trial_id)
+    best_cfg = trial_config(search.cfg, best.params)
     # Scanning for checkpoints is local-only; on a URI the trial's tag is the answer.
-    local_best = None if storage.is_remote(run_dir) else best_checkpoint(run_dir)
+    ranked_by = best_cfg.run.checkpoint_metric
+    local_best = None if storage.is_remote(run_dir) else best_checkpoint(run_dir, ranked_by)
     checkpoint = best.checkpoint or str(local_best or "")
     summary.best_checkpoint = checkpoint or None
     logger = tracking.RunLogger(search.uri, search.parent)
@@ -334,7 +339,6 @@ def _log_best(search: Search, summary: SearchSummary) -> None:
         }
         | {f"best.{k}": v for k, v in best.params.items()}
     )
-    best_cfg = with_overrides(search.cfg, best.params)
     logger.log_text(yaml.safe_dump(to_dict(best_cfg), sort_keys=False), "best_config.yaml")
     if search.cfg.search.evaluate_best and checkpoint:
         from quakeray.evaluate import evaluate_checkpoint

@@ -15,12 +15,12 @@ import logging
 from typing import Any
 
 from quakeray import storage, tracking
-from quakeray.config import ExperimentConfig, get_dotted
+from quakeray.config import VARIANT_KEY, ExperimentConfig
 from quakeray.errors import SearchError
 from quakeray.search.results import Confirmation, TrialRow, parse_param
 from quakeray.search.runs import child_runs
 from quakeray.search.searchers import PointsSearcher
-from quakeray.search.space import CONFIRM_KEY, REFERENCE_POINTS
+from quakeray.search.space import CONFIRM_KEY, REFERENCE_POINTS, space_value
 from quakeray.search.tuner import Search, fit, new_tuner, restored_tuner
 from quakeray.seeds import SeedScores, paired_difference
 from quakeray.tracking import tags
@@ -49,7 +49,9 @@ MSE_ONLY = "mse_only"
 def confirmation_configs(cfg: ExperimentConfig, best: TrialRow) -> dict[str, dict[str, Any]]:
     """Label -> settings: MSE only, the paper's point, and the best when it is neither."""
     shown = {k for p in REFERENCE_POINTS for k in p.values} | set(best.params)
-    base = {k: get_dotted(cfg, k) for k in sorted(shown)}
+    base = {k: space_value(cfg, k) for k in sorted(shown)}
+    if VARIANT_KEY in best.params:  # both losses confirmed under the best's variant
+        base[VARIANT_KEY] = best.params[VARIANT_KEY]
     configs = {p.name: {**base, **p.values} for p in REFERENCE_POINTS}
     best_settings = {**base, **best.params}
     if best_settings not in configs.values():

@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from quakeray import storage, tracking
 from quakeray.config import ExperimentConfig
-from quakeray.metrics import SCORE_METRIC
 from quakeray.search.finalizer import pending_runs
 from quakeray.search.space import trial_config
 from quakeray.tracking import outputs, tags
@@ -229,24 +228,19 @@ def finish_orphaned_runs(
             continue
         frame = result.metrics_dataframe
         frame = frame if isinstance(frame, pd.DataFrame) else pd.DataFrame()
-        checkpoint, epochs = None, 0
+        epochs = 0
         if "epoch" in frame and frame["epoch"].notna().any():
             epochs = int(frame["epoch"].max()) + 1
-        if {SCORE_METRIC, CHECKPOINT_KEY} <= set(frame.columns):
-            scored = frame.dropna(subset=[SCORE_METRIC, CHECKPOINT_KEY])
-            if len(scored):
-                best = scored.loc[scored[SCORE_METRIC].idxmin(), CHECKPOINT_KEY]
-                checkpoint = storage.with_scheme_of(str(best), train_storage)
         trial_id = run.data.tags.get(tags.TRIAL_ID, "?")
         try:
-            planned = trial_config(base, result.config).optim.epochs
+            cfg = trial_config(base, result.config)
             finish_trial_run(
                 uri,
                 run.info.run_id,
                 base=base,
                 config=result.config,
-                checkpoint=checkpoint,
-                status="stopped" if epochs < planned else "completed",
+                checkpoint=_best_reported(frame, cfg.run.checkpoint_metric, train_storage),
+                status="stopped" if epochs < cfg.optim.epochs else "completed",
                 trial_id=trial_id,
             )
         except Exception:  # the search closes it as cancelled instead
@@ -254,6 +248,17 @@ def finish_orphaned_runs(
             continue
         finished += 1
     return finished
+
+
+def _best_reported(frame: Any, metric: str, train_storage: str) -> str | None:
+    """The reported checkpoint with the lowest ``metric`` in Tune's results table, or None."""
+    if not {metric, CHECKPOINT_KEY} <= set(frame.columns):
+        return None
+    scored = frame.dropna(subset=[metric, CHECKPOINT_KEY])
+    if not len(scored):
+        return None
+    best = scored.loc[scored[metric].idxmin(), CHECKPOINT_KEY]
+    return storage.with_scheme_of(str(best), train_storage)
 
 
 def close_open_children(uri: str, experiment_id: str, parent_run_id: str) -> None:

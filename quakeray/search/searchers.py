@@ -24,9 +24,15 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
-from quakeray.config import ExperimentConfig, SpaceParam, get_dotted
+from quakeray.config import ExperimentConfig, SpaceParam
 from quakeray.errors import SearchError
-from quakeray.search.space import REFERENCE_KEY, ReferencePoint, optuna_space, reference_points
+from quakeray.search.space import (
+    REFERENCE_KEY,
+    ReferencePoint,
+    optuna_space,
+    reference_points,
+    space_value,
+)
 
 __all__ = [
     "GridSearcher",
@@ -71,7 +77,7 @@ def build_searcher(cfg: ExperimentConfig, *, study_name: str, fresh: bool = True
             study_name=study_name,
             storage=storage,
         )
-    base = {name: get_dotted(cfg, name) for name in s.space}
+    base = {name: space_value(cfg, name) for name in s.space}
     ref = ReferenceFirst(inner, reference_points(cfg), base_values=base)
     return ConcurrencyLimiter(ref, max_concurrent=s.max_concurrent)
 

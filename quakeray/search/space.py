@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from quakeray.config import (
+    VARIANT_KEY,
     ExperimentConfig,
     SpaceParam,
     describe_param,
     field_type,
+    get_dotted,
     with_overrides,
 )
 from quakeray.errors import ConfigError, SearchError
@@ -36,12 +38,14 @@ __all__ = [
     "ReferencePoint",
     "check_metric",
     "check_space",
+    "data_for_every_trial",
     "describe_sampler",
     "grid_size",
     "num_trials",
     "optuna_space",
     "reference_points",
     "sample_of",
+    "space_value",
     "trial_config",
 ]
 
@@ -66,10 +70,16 @@ def sample_of(config: Mapping[str, Any]) -> dict[str, Any]:
 def trial_config(base: ExperimentConfig, config: Mapping[str, Any]) -> ExperimentConfig:
     """A trial's resolved config: the search's config with the trial's sample.
 
+    A sampled ``variant`` expands to its bundle of settings (``search.variants``) first;
+    the sample's own fields go on top.
+
     Raises:
         ConfigError: The sample breaks the config (a value out of range, a wrong type).
     """
-    return with_overrides(base, sample_of(config))
+    sample = sample_of(config)
+    variant = sample.pop(VARIANT_KEY, None)
+    settings = dict(base.search.variants[variant]) if variant is not None else {}
+    return with_overrides(base, {**settings, **sample})
 
 
 @dataclass(frozen=True)
@@ -122,7 +132,7 @@ def check_space(cfg: ExperimentConfig) -> None:
                     "choices must be strings, numbers or booleans"
                 )
             try:
-                with_overrides(cfg, {name: value})
+                trial_config(cfg, {name: value})
             except ConfigError as exc:
                 raise SearchError(
                     f"{where}: value {value!r} gives an invalid trial: {exc}"
@@ -156,8 +166,42 @@ def grid_size(space: Mapping[str, SpaceParam]) -> int:
 
 
 def reference_points(cfg: ExperimentConfig) -> list[ReferencePoint]:
-    """The reference points this search runs first ([] when switched off)."""
-    return list(REFERENCE_POINTS) if cfg.search.reference_points else []
+    """The reference points this search runs first ([] when switched off).
+
+    In a space over ``variant`` they run under its first choice, so that every trial of
+    the search names the variant it ran.
+    """
+    if not cfg.search.reference_points:
+        return []
+    if VARIANT_KEY not in cfg.search.space:
+        return list(REFERENCE_POINTS)
+    variant = space_value(cfg, VARIANT_KEY)
+    return [ReferencePoint(p.name, {VARIANT_KEY: variant, **p.values}) for p in REFERENCE_POINTS]
+
+
+def data_for_every_trial(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The config whose prepared data serves every trial: statistics when any normalises.
+
+    A variant or a searched ``data.normalize`` may turn normalisation on where the
+    search's own config has it off; the driver computes the statistics once for all.
+    """
+    normalize = "data.normalize"
+    space = cfg.search.space.get(normalize)
+    wanted = (
+        cfg.data.normalize
+        or any(settings.get(normalize) is True for settings in cfg.search.variants.values())
+        or (space is not None and True in (space.choices or []))
+    )
+    if wanted == cfg.data.normalize:
+        return cfg
+    return with_overrides(cfg, {normalize: True})
+
+
+def space_value(cfg: ExperimentConfig, name: str) -> Any:
+    """The search config's own value of a searched key (``variant``: its first choice)."""
+    if name == VARIANT_KEY:
+        return (cfg.search.space[VARIANT_KEY].choices or [None])[0]
+    return get_dotted(cfg, name)
 
 
 def describe_sampler(cfg: ExperimentConfig) -> str:

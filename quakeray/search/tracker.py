@@ -124,7 +124,6 @@ class TrialRunTracker(Callback):  # type: ignore[misc]
         *,
         base: ExperimentConfig,
         metric_names: tuple[str, ...],
-        score_metric: str,
         train_storage: str,
     ) -> None:
         self.uri = uri
@@ -132,12 +131,12 @@ class TrialRunTracker(Callback):  # type: ignore[misc]
         self.parent_run_id = parent_run_id
         self.base = base
         self.metric_names = metric_names
-        self.score_metric = score_metric  # the metric Train ranks checkpoints by (min)
         self.train_storage = train_storage  # gives reported checkpoint paths their scheme
         self._stopped: set[str] = set()
         self._logged: dict[str, set[int]] = {}  # run id -> epochs in MLflow
         self._best: dict[str, tuple[float, str]] = {}  # trial id -> (score, checkpoint)
         self._filled: set[str] = set()  # run ids whose missed epochs were looked up
+        self._ranked_by: dict[str, str] = {}  # trial id -> its run.checkpoint_metric
 
     @property
     def gaps_looked_up(self) -> frozenset[str]:
@@ -167,7 +166,7 @@ class TrialRunTracker(Callback):  # type: ignore[misc]
             self._stopped.add(trial.trial_id)
         if "epoch" not in result:
             return
-        raw, path = result.get(self.score_metric), result.get(CHECKPOINT_KEY)
+        raw, path = result.get(self._score_metric(trial)), result.get(CHECKPOINT_KEY)
         score = float(raw) if isinstance(raw, (int, float)) else math.nan
         best = self._best.get(trial.trial_id)
         if path and math.isfinite(score) and (best is None or score < best[0]):
@@ -218,6 +217,14 @@ class TrialRunTracker(Callback):  # type: ignore[misc]
             ),
             create=True,
         )
+
+    def _score_metric(self, trial: Trial) -> str:
+        """What Train ranks this trial's checkpoints by (a sample may change it)."""
+        ranked_by = self.__dict__.setdefault("_ranked_by", {})  # a tracker from older state
+        if trial.trial_id not in ranked_by:
+            config = getattr(trial, "config", None) or {}
+            ranked_by[trial.trial_id] = trial_config(self.base, config).run.checkpoint_metric
+        return str(ranked_by[trial.trial_id])
 
     def _guarded(self, trial: Trial, action: Any, *, create: bool = False) -> None:
         """Run ``action(run_id)`` for the trial's run; tracking trouble never stops a search."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from quakeray.config import ExperimentConfig
+from quakeray.config import VARIANT_KEY, ExperimentConfig
 from quakeray.data.prepare import PreparedData
 from quakeray.errors import CheckpointError
 from quakeray.search.runs import RUN_KEY
@@ -48,7 +48,7 @@ def search_trial(config: dict[str, Any], *, setup: TrialSetup) -> None:
     trial_id = tune.get_context().get_trial_id()
     run_id = str(config[RUN_KEY])
     cfg = trial_config(setup.base, config)
-    if any(k.startswith(("model.", "data.")) for k in sample_of(config)):
+    if any(k.startswith(("model.", "data.")) or k == VARIANT_KEY for k in sample_of(config)):
         # A backbone the sample names but timm lacks fails here in a second, not in a
         # worker group that took 20 s to start. Only then: the driver checked the base
         # model, and a cold timm import costs this trial process ~2 s.
@@ -68,7 +68,7 @@ def search_trial(config: dict[str, Any], *, setup: TrialSetup) -> None:
     )
     result = trainer.fit()
     run_dir = storage.join(setup.train_storage, name)
-    best = best_checkpoint_path(result, run_dir=run_dir)
+    best = best_checkpoint_path(result, run_dir=run_dir, metric=cfg.run.checkpoint_metric)
     if best is None:
         raise CheckpointError(f"trial {trial_id} wrote no checkpoint under {run_dir}")
     if setup.test_trials:

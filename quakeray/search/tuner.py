@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from quakeray import storage, tracking
 from quakeray.config import ExperimentConfig
 from quakeray.data.prepare import PreparedData
-from quakeray.metrics import EPOCH_METRICS, SCORE_METRIC
+from quakeray.metrics import EPOCH_METRICS
 from quakeray.search.finalizer import wait_for_finalizers
 from quakeray.search.runs import close_open_children
 from quakeray.search.state import TRAIN_SUBDIR
@@ -90,7 +90,6 @@ def new_tuner(
         search.parent,
         base=search.cfg,
         metric_names=EPOCH_METRICS,
-        score_metric=SCORE_METRIC,
         train_storage=storage.join(search.folder, TRAIN_SUBDIR),
     )
     return tune.Tuner(

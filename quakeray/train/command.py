@@ -116,7 +116,7 @@ def run_training(cfg: ExperimentConfig, resume: str | None = None) -> TrainSumma
             resume_from=resume_from,
         )
         result = fit(trainer)
-        best = best_checkpoint_path(result, run_dir=run_dir)
+        best = best_checkpoint_path(result, run_dir=run_dir, metric=cfg.run.checkpoint_metric)
         if best is None:
             raise CheckpointError(f"training wrote no checkpoint under {run_dir}")
         finalize_run(uri, run_id, cfg, best)

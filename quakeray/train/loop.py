@@ -70,7 +70,7 @@ def train_loop_per_worker(spec: LoopConfig) -> None:
 
     data = build_data(cfg, spec.data, rank=rank, world=world, device=device)
     parts = build_model_parts(cfg, data, rank=rank, device=device)
-    progress, state, restarted = resume(parts, spec.resume_from)
+    progress, state, restarted = resume(parts, spec.resume_from, metric=cfg.run.checkpoint_metric)
     logger = _epoch_logger(spec) if master else None
     if logger is not None and restarted and state is not None:
         # Crashed between report and log: the checkpointed epoch's point may be missing.
@@ -144,7 +144,8 @@ def _checkpoint_and_report(
             metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(epoch)
         )
     if master and local_dir:
-        prune_checkpoints(local_dir, spec.config.run.checkpoints_to_keep)
+        run = spec.config.run
+        prune_checkpoints(local_dir, run.checkpoints_to_keep, metric=run.checkpoint_metric)
 
 
 class _EpochLogger:

@@ -75,6 +75,7 @@ class ModelParts:
 class Progress:
     """Where training stands: the next epoch, the best score so far, every epoch's metrics."""
 
+    metric: str = SCORE_METRIC  # what ranks epochs (``run.checkpoint_metric``), lower is better
     next_epoch: int = 0
     best: float = math.inf
     best_epoch: int = -1
@@ -82,7 +83,7 @@ class Progress:
 
     def record(self, metrics: dict[str, float]) -> None:
         """Add an epoch's metrics; a better (finite) score becomes the best."""
-        score = metrics[SCORE_METRIC]
+        score = metrics[self.metric]
         if math.isfinite(score) and score < self.best:
             self.best, self.best_epoch = score, int(metrics["epoch"])
         self.history.append(metrics)
@@ -178,11 +179,14 @@ def build_model_parts(
     )
 
 
-def resume(parts: ModelParts, resume_from: str) -> tuple[Progress, dict[str, Any] | None, bool]:
+def resume(
+    parts: ModelParts, resume_from: str, *, metric: str = SCORE_METRIC
+) -> tuple[Progress, dict[str, Any] | None, bool]:
     """Load the checkpoint to continue from into ``parts``.
 
     Ray's latest checkpoint of this run comes first (a worker group restarted after a
     failure, or a rerun of the same run name), else ``resume_from`` (``--resume``).
+    ``metric`` ranks the epochs (``run.checkpoint_metric``).
 
     Returns:
         (progress, the loaded state or None, whether Ray restarted this run).
@@ -197,13 +201,14 @@ def resume(parts: ModelParts, resume_from: str) -> tuple[Progress, dict[str, Any
     elif resume_from:
         state = load_checkpoint(resume_from)
     if state is None:
-        return Progress(), None, False
+        return Progress(metric=metric), None, False
     parts.raw_model.load_state_dict(state["model"])
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler"):
         parts.scaler.load_state_dict(state["scaler"])
     progress = Progress(
+        metric=metric,
         next_epoch=int(state["epoch"]) + 1,
         best=float(state["best_metric"]),
         best_epoch=int(state["best_epoch"]),

@@ -113,7 +113,7 @@ def build_trainer(
             failure_config=ray.train.FailureConfig(max_failures=sc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.run.checkpoints_to_keep,
-                checkpoint_score_attribute=SCORE_METRIC,
+                checkpoint_score_attribute=cfg.run.checkpoint_metric,
                 checkpoint_score_order="min",
             ),
         ),
@@ -152,17 +152,17 @@ def fit(trainer: Any) -> Any:
             signal.signal(signal.SIGINT, previous)
 
 
-def best_checkpoint_path(result: Any, *, run_dir: str) -> str | None:
-    """The best checkpoint of a finished ``fit`` (by val_MAE), as a path or URI."""
+def best_checkpoint_path(result: Any, *, run_dir: str, metric: str = SCORE_METRIC) -> str | None:
+    """The best checkpoint of a finished ``fit`` by ``metric`` (lower wins), as a path or URI."""
     scored = []
     for ckpt, metrics in getattr(result, "best_checkpoints", None) or []:
-        value = metrics.get(SCORE_METRIC, math.nan)
+        value = metrics.get(metric, math.nan)
         if value is not None and math.isfinite(value):
             path = storage.with_scheme_of(str(ckpt.path), run_dir)
             scored.append((value, -int(metrics.get("epoch", 0)), path))
     if scored:
         return str(min(scored)[2])
-    local = None if storage.is_remote(run_dir) else best_checkpoint(run_dir)
+    local = None if storage.is_remote(run_dir) else best_checkpoint(run_dir, metric)
     if local is not None:
         return str(local)
     ckpt = getattr(result, "checkpoint", None)

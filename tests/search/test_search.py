@@ -193,3 +193,50 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(
     parent = MlflowClient(tracking_uri=uri).get_run(summary.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["trials_failed"] == 1
+
+
+def test_a_grid_over_variants_runs_each_bundle_and_ranks_checkpoints_its_way(
+    ray_local: None, tiny_h5: Path, tmp_path: Path
+) -> None:
+    # The shape of experiments/paper/faithful_vs_improved.yaml, shrunk: the paper's
+    # switches against ours. Only "ours" normalises: the driver computes the statistics
+    # once anyway. Each trial's checkpoint is the best by its own run.checkpoint_metric.
+    from quakeray.checkpoint import find_checkpoints, read_history
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    data = tmp_path / "q.h5"
+    data.write_bytes(tiny_h5.read_bytes())  # its statistics are written beside it
+    cfg = load_config(
+        None,
+        [
+            *_base(tmp_path, data, uri, "variants-test"),
+            "optim.epochs=3",
+            "optim.lr=1e-2",
+            "data.normalize=false",
+            "search.sampler=grid",
+            "search.reference_points=false",
+            "search.asha=false",
+            "search.evaluate_best=false",
+            "search.num_samples=2",
+            "search.variants={paper: {model.clamp_in_forward: true, model.standardize_target: "
+            "false, loss.pairing: halves, run.checkpoint_metric: val_loss}, "
+            "ours: {data.normalize: true}}",
+            "search.space={variant: {kind: choice, choices: [paper, ours]}}",
+        ],
+    )
+    summary = run_search(cfg)
+    assert sorted(r.status for r in summary.rows) == ["completed", "completed"]
+    client = MlflowClient(tracking_uri=uri)
+    for row in summary.rows:
+        variant = row.params["variant"]
+        run = client.get_run(row.run_id)
+        assert run.data.params["trial.variant"] == variant
+        paper = variant == "paper"
+        assert run.data.params["loss.pairing"] == ("halves" if paper else "all")
+        assert run.data.params["data.normalize"] == str(not paper)
+        metric = "val_loss" if paper else "val_MAE"
+        history = read_history(find_checkpoints(Path(row.checkpoint).parent)[-1])
+        best = min(history, key=lambda m: m[metric])
+        assert Path(row.checkpoint).name == f"checkpoint_epoch_{int(best['epoch']):04d}", variant
+    rows = build_report("variants-test", tracking_uri=uri).rows
+    assert [r.backbone for r in rows] == ["test_resnet (ours)", "test_resnet (paper)"]

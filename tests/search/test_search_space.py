@@ -215,3 +215,60 @@ def test_epoch_asha_never_stops_a_reference_point() -> None:
     asha.on_trial_result(None, good, {"epoch": 0.0, "val_MAE": 1.0})
     decision = asha.on_trial_result(None, baseline, {"epoch": 0.0, "val_MAE": 5.0})
     assert decision == TrialScheduler.CONTINUE
+
+
+def _variants(*extra: str) -> list[str]:
+    return [
+        "search.variants={paper: {model.standardize_target: false, loss.pairing: halves}, "
+        "ours: {}}",
+        "search.space={variant: {kind: choice, choices: [paper, ours]}, "
+        "loss.rank_weight: {kind: choice, choices: [0.0, 1.0]}}",
+        *extra,
+    ]
+
+
+def test_a_sampled_variant_expands_to_its_settings_and_the_sample_goes_on_top() -> None:
+    from quakeray.search.space import trial_config
+
+    cfg = load_config(None, _variants())
+    check_space(cfg)
+    paper = trial_config(cfg, {"variant": "paper", "loss.rank_weight": 0.0, "_run_id": "x"})
+    assert (paper.model.standardize_target, paper.loss.pairing) == (False, "halves")
+    assert paper.loss.rank_weight == 0.0
+    ours = trial_config(cfg, {"variant": "ours", "loss.rank_weight": 1.0})
+    assert (ours.model.standardize_target, ours.loss.pairing) == (True, "all")
+    # The sample's own field beats the variant's setting of it.
+    both = trial_config(cfg, {"variant": "paper", "loss.pairing": "all"})
+    assert both.loss.pairing == "all"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["search.space.variant={kind: choice, choices: [gone]}"],
+            "search.space.variant: must be a choice of the names in search.variants (none",
+        ),
+        (
+            _variants("search.space.variant={kind: choice, choices: [paper, other]}"),
+            "must be a choice of the names in search.variants (paper, ours)",
+        ),
+        (
+            ["search.variants={v: {model.standardise_target: true}}"],
+            "search.variants.v: 'model.standardise_target' is no config field; "
+            "did you mean 'model.standardize_target'",
+        ),
+    ],
+)
+def test_a_bad_variant_is_one_line_before_any_trial(overrides: list[str], message: str) -> None:
+    from quakeray.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_variant_that_makes_an_invalid_trial_is_refused_by_check_space() -> None:
+    cfg = load_config(None, _variants("search.variants.ours={optim.lr: 0}"))
+    with pytest.raises(SearchError, match=r"search\.space\.variant: value 'ours' gives an invalid"):
+        check_space(cfg)

@@ -90,7 +90,6 @@ def _tracker(opener: TrialRunOpener, train_storage: str = "/runs/train") -> Tria
         opener.parent_run_id,
         base=BASE,
         metric_names=EPOCH_METRICS,
-        score_metric=SCORE_METRIC,
         train_storage=train_storage,
     )
 

@@ -36,6 +36,7 @@ from quakeray.tracking.tags import BEST_CHECKPOINT as BEST_CHECKPOINT_TAG
 from quakeray.train import TrainSummary, run_training
 
 EPOCHS = 3
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -174,6 +175,38 @@ def test_paper_options_run(local_run: LocalRun, caplog: pytest.LogCaptureFixture
     assert "needs a GPU" in caplog.text
     assert np.isfinite(summary.best_metrics["val_MAE"])
     assert load_checkpoint_stats(summary) is None  # nothing to normalise with
+
+
+def test_the_paper_protocol_keeps_the_best_val_loss_checkpoint(local_run: LocalRun) -> None:
+    # experiments/paper/protocol.yaml, shrunk to this file and a CPU: every faithful
+    # setting holds, and the run stands for its epoch with the lowest val_loss.
+    cfg = load_config(
+        REPO / "experiments" / "paper" / "protocol.yaml",
+        [
+            *_overrides(local_run.root, local_run.data, local_run.uri),
+            "run.name=paper-protocol",
+            "scaling.use_gpu=false",
+            "optim.epochs=4",
+            "run.checkpoints_to_keep=1",
+            "tracking.log_model=false",
+        ],
+    )
+    summary = run_training(cfg)
+    history = read_history(find_checkpoints(summary.run_dir)[-1])
+    by_loss = min(history, key=lambda m: m["val_loss"])
+    assert summary.best_epoch == int(by_loss["epoch"])
+    assert summary.best_checkpoint == str(best_checkpoint(summary.run_dir))
+    state = torch.load(Path(summary.best_checkpoint) / STATE_FILE, weights_only=True)
+    assert state["best_metric"] == pytest.approx(by_loss["val_loss"])
+    # Pruned by val_loss: its best and the latest stay.
+    kept = {f.name for f in find_checkpoints(summary.run_dir)}
+    assert kept == {f"checkpoint_epoch_{e:04d}" for e in (int(by_loss["epoch"]), 3)}
+    # The paper's raw head (no target scaling), clamp in forward, halves pairing.
+    assert float(state["model"]["target_mean"]) == 0.0
+    assert float(state["model"]["target_std"]) == 1.0
+    saved = state["config"]
+    assert saved["model"]["clamp_in_forward"] is True and saved["loss"]["pairing"] == "halves"
+    assert saved["data"]["normalize"] is False and saved["run"]["checkpoint_metric"] == "val_loss"
 
 
 def test_last_batch_of_one_sample_trains(local_run: LocalRun) -> None:

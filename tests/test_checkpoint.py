@@ -1,0 +1,52 @@
+"""Which checkpoint stands for a run: ranked by the run's ``run.checkpoint_metric``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from quakeray.checkpoint import (
+    best_checkpoint,
+    checkpoint_dir_name,
+    find_checkpoints,
+    prune_checkpoints,
+    ranking_metric,
+    save_checkpoint,
+)
+from quakeray.config import load_config, to_dict
+
+# val_MAE and val_loss disagree: epoch 1 has the best MAE, epoch 2 the best loss.
+EPOCHS = [
+    {"epoch": 0.0, "val_MAE": 1.0, "val_loss": 3.0},
+    {"epoch": 1.0, "val_MAE": 0.5, "val_loss": 2.0},
+    {"epoch": 2.0, "val_MAE": 0.8, "val_loss": 1.0},
+    {"epoch": 3.0, "val_MAE": 0.9, "val_loss": 4.0},
+]
+
+
+def _run(root: Path, checkpoint_metric: str) -> Path:
+    cfg = load_config(None, [f"run.checkpoint_metric={checkpoint_metric}"])
+    for metrics in EPOCHS:
+        folder = root / checkpoint_dir_name(int(metrics["epoch"]))
+        save_checkpoint(folder, {"config": to_dict(cfg)}, metrics=metrics)
+    return root
+
+
+@pytest.mark.parametrize(("metric", "best_epoch"), [("val_MAE", 1), ("val_loss", 2)])
+def test_the_run_s_own_metric_picks_and_prunes(
+    tmp_path: Path, metric: str, best_epoch: int
+) -> None:
+    run = _run(tmp_path, metric)
+    assert ranking_metric(find_checkpoints(run)[-1]) == metric
+    best = best_checkpoint(run)  # no metric named: the one the run ranked by
+    assert best is not None and best.name == checkpoint_dir_name(best_epoch)
+    prune_checkpoints(run, keep=1, metric=metric)
+    kept = {f.name for f in find_checkpoints(run)}
+    assert kept == {checkpoint_dir_name(best_epoch), checkpoint_dir_name(3)}  # best + latest
+
+
+def test_a_checkpoint_from_before_the_setting_ranks_by_val_mae(tmp_path: Path) -> None:
+    folder = save_checkpoint(tmp_path / checkpoint_dir_name(0), {"config": {}}, metrics={})
+    assert ranking_metric(folder) == "val_MAE"
+    assert best_checkpoint(tmp_path / "empty") is None
