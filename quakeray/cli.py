@@ -150,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-log", action="store_true", help="do not log to the MLflow run")
     evaluate.set_defaults(handler=_cmd_evaluate)
 
+    sync = commands.add_parser(
+        "sync", help="complete a training run's MLflow record from its checkpoints"
+    )
+    sync.add_argument("run_dir", help="the run folder: <run.storage_path>/<run name>")
+    sync.set_defaults(handler=_cmd_sync)
+
     report = commands.add_parser("report", help="paper-style table of a search from MLflow")
     report.add_argument("experiment", help="MLflow experiment name (the search name)")
     report.add_argument("--tracking-uri", help="MLflow tracking URI (default: env / ./mlflow.db)")
@@ -273,6 +279,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         tracking_uri=args.tracking_uri,
         log=not args.no_log,
     )
+    return 0
+
+
+def _cmd_sync(args: argparse.Namespace) -> int:
+    from quakeray.train.sync import sync_run
+
+    print(sync_run(args.run_dir).format())
     return 0
 
 

@@ -392,6 +392,13 @@ def validate_config(cfg: ExperimentConfig) -> None:
         ),
         (cfg.optim.epochs >= 1, f"optim.epochs must be >= 1, got {cfg.optim.epochs}"),
         (cfg.optim.batch_size >= 1, f"optim.batch_size must be >= 1, got {cfg.optim.batch_size}"),
+        (
+            cfg.optim.batch_size // max(cfg.scaling.num_workers, 1) >= 2,
+            f"optim.batch_size ({cfg.optim.batch_size}) gives each of "
+            f"{max(cfg.scaling.num_workers, 1)} worker(s) batches of "
+            f"{cfg.optim.batch_size // max(cfg.scaling.num_workers, 1)}; training needs at "
+            "least 2 per worker (BatchNorm, ranking pairs): raise optim.batch_size",
+        ),
         (cfg.optim.eval_batch_size >= 0, "optim.eval_batch_size must be >= 0"),
         (cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay must be >= 0"),

@@ -8,6 +8,7 @@ shows the traceback.
 
 __all__ = [
     "EXIT_USAGE",
+    "BusyError",
     "CheckpointError",
     "ClusterError",
     "ConfigError",
@@ -53,6 +54,10 @@ class TrackingError(QuakerayError):
 
 class ClusterError(QuakerayError):
     """The Ray cluster cannot run the request (resources, storage, address)."""
+
+
+class BusyError(QuakerayError):
+    """A run folder (or another resource) is held by another live process."""
 
 
 class SearchError(QuakerayError):

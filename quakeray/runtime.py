@@ -58,10 +58,16 @@ def init_ray(cfg: ExperimentConfig, *, extra_cpus: float = 0.0) -> None:
                 include_dashboard=True,
                 dashboard_host="127.0.0.1",
             )
-    except (ConnectionError, TimeoutError) as exc:
+    except Exception as exc:  # Ray raises a plain Exception when a local start times out
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        if address:
+            raise ClusterError(
+                f"cannot connect to the Ray cluster at {address!r}: {first}; check "
+                "run.ray_address / RAY_ADDRESS or start the cluster (ray up / ray start)"
+            ) from None
         raise ClusterError(
-            f"cannot connect to the Ray cluster at {address!r}: {str(exc).splitlines()[0]}; "
-            "check run.ray_address / RAY_ADDRESS or start the cluster (ray up / ray start)"
+            f"the local Ray did not start: {first}; the machine may be overloaded: retry "
+            "when it is quieter, or stop stale Ray processes with 'ray stop'"
         ) from None
 
 

@@ -7,8 +7,10 @@ and an ``mlflow server`` on 127.0.0.1 for HTTP tracking tests.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -80,52 +82,76 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real ``mlflow server`` on 127.0.0.1 and a free port; yields its http:// URI."""
-    import requests
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 that a test can stop and start again.
 
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
-    log = (root / "server.log").open("w")
-    proc = subprocess.Popen(
-        [
-            mlflow_bin,
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{root / 'server.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
+    The store (sqlite) and the artifacts live under ``root``, so a restarted server
+    serves the same runs: the outage tests kill it mid-run and bring it back.
+    """
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root = root
+        self.port = port or free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 120.0) -> MlflowServer:
+        """Start it and wait until ``/health`` answers."""
+        import requests
+
+        mlflow_bin = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+        log = (self.root / "server.log").open("a")
+        self.proc = subprocess.Popen(
+            [
+                mlflow_bin,
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--backend-store-uri",
+                f"sqlite:///{self.root / 'server.db'}",
+                "--artifacts-destination",
+                str(self.root / "artifacts"),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # stop() kills its workers too
+        )
+        deadline = time.monotonic() + timeout_s
         while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()}")
+            if self.proc.poll() is not None:
+                log_text = (self.root / "server.log").read_text()
+                raise RuntimeError(f"mlflow server exited: {log_text}")
             try:
-                if requests.get(f"{uri}/health", timeout=2).ok:
-                    break
+                if requests.get(f"{self.uri}/health", timeout=2).ok:
+                    return self
             except requests.RequestException:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError("mlflow server did not answer /health within 120 s")
-            time.sleep(0.5)
-        yield uri
-    finally:
-        proc.terminate()
+                raise RuntimeError(f"mlflow server did not answer /health within {timeout_s} s")
+            time.sleep(0.25)
+
+    def stop(self, *, kill: bool = False) -> None:
+        """Terminate (or SIGKILL) the server and its workers, and wait for them."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
         try:
-            proc.wait(timeout=20)
+            self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``mlflow server`` on 127.0.0.1 and a free port; yields its http:// URI."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server")).start()
+    try:
+        yield server.uri
+    finally:
+        server.stop()

@@ -17,6 +17,7 @@ LAYERS: dict[str, int] = {
     "quakeray.config": 2,
     "quakeray.config_files": 2,
     "quakeray.storage": 2,
+    "quakeray.locks": 2,
     "quakeray.tables": 2,
     "quakeray.data": 3,
     "quakeray.models": 3,

@@ -74,6 +74,7 @@ def test_search_space_given_replaces_the_default_and_overrides_add(tmp_path: Pat
         ("search.num_samples=0", "search.num_samples must be >= 1"),
         ("search.confirm_seeds=0", "search.confirm_seeds must be >= 1"),
         ("optim.batch_size=5", "divisible by scaling.num_workers"),
+        ("optim.batch_size=2", "gives each of 2 worker.s. batches of 1"),
         ("nokey", "not key=value"),
         ("search.space.loss.marg={kind: uniform, low: 0, high: 1}", "did you mean 'loss.margin'"),
         ("search.space.loss.margin={kind: uniform, low: -1, high: 1}", "bounds must be >= 0"),

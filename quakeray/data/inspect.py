@@ -44,6 +44,10 @@ class InspectReport:
     all_nan_arrays: int = 0
     all_nan_patches: int = 0
     all_nan_examples: list[str] = field(default_factory=list)
+    # Pixels no sensor reports (+-inf, negative linear backscatter): gaps, like NaN.
+    infinite_pixels: int = 0
+    negative_pixels: int = 0
+    invalid_examples: list[str] = field(default_factory=list)  # arrays holding some
     pixels_scanned: bool = True
 
     def samples(self, split: str) -> int:
@@ -86,6 +90,12 @@ class InspectReport:
                 f"entirely NaN: {self.all_nan_arrays} arrays in {self.all_nan_patches} patches"
                 + (f" (e.g. {', '.join(self.all_nan_examples)})" if self.all_nan_examples else "")
             )
+            if self.infinite_pixels or self.negative_pixels:
+                lines.append(
+                    f"invalid pixels: {self.infinite_pixels} infinite, {self.negative_pixels} "
+                    f"negative (e.g. {', '.join(self.invalid_examples)}); training and "
+                    "statistics treat them as gaps, like NaN: check how the file was made"
+                )
         return "\n".join(lines)
 
 
@@ -171,6 +181,13 @@ def _scan(f: Any, path: Path, events: list[Any], report: InspectReport) -> None:
                         "or re-download it"
                     ) from None
                 count = int(np.count_nonzero(np.isnan(buf)))
+                infinite = int(np.count_nonzero(np.isinf(buf)))
+                # NaN compares False; -inf is counted as infinite, not twice.
+                negative = int(np.count_nonzero(buf < 0)) - int(np.count_nonzero(np.isneginf(buf)))
+                report.infinite_pixels += infinite
+                report.negative_pixels += negative
+                if (infinite or negative) and len(report.invalid_examples) < 3:
+                    report.invalid_examples.append(where)
                 nan += count
                 pixels += buf.size
                 report.arrays += 1

@@ -86,6 +86,11 @@ def prepare_data(cfg: ExperimentConfig) -> PreparedData:
     d = cfg.data
     if d.path:
         path = Path(d.path).expanduser().resolve()
+        if path.is_dir():
+            raise DataError(
+                f"data.path {path} is a directory; set it to the QuakeSet HDF5 file inside "
+                "(e.g. .../earthquakes.h5)"
+            )
         if not path.is_file():
             raise DataError(
                 f"data file not found: {path}; set data.path to a QuakeSet HDF5 file "

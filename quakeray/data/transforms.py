@@ -6,6 +6,12 @@ on (the GPU when there is one). Normalisation uses per-polarisation statistics c
 on the train split (:func:`compute_stats`, ``quakeray data stats FILE``) and stored as JSON
 beside the data; the same VV/VH statistics apply to both acquisitions so that the pre/post
 change is preserved.
+
+**Gaps.** A pixel that holds no valid measurement is a gap, filled with ``data.nan_fill``:
+NaN (swath edges), and also +-inf and, when the input is linear backscatter (``to_db``),
+negative values, which no sensor reports and a broken export does. The transform and
+:func:`compute_stats` treat them alike, so one poisoned array neither reaches the network
+as 3.4e38 nor moves the normalisation statistics; ``quakeray data inspect`` counts them.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ __all__ = [
     "build_transform",
     "compute_stats",
     "default_stats_path",
+    "fill_gaps",
 ]
 
 STATS_VERSION = 1
@@ -136,6 +143,14 @@ def default_stats_path(data_path: str | Path) -> Path:
     return p.with_name(p.name + ".stats.json")
 
 
+def fill_gaps(image: np.ndarray, fill: float, *, linear: bool) -> np.ndarray:
+    """A copy of ``image`` with its gaps (NaN, +-inf, negatives if ``linear``) set to ``fill``."""
+    out: np.ndarray = np.nan_to_num(image, nan=fill, posinf=fill, neginf=fill)
+    if linear:
+        out[out < 0] = fill
+    return out
+
+
 def compute_stats(
     path: str | Path,
     *,
@@ -147,9 +162,10 @@ def compute_stats(
 ) -> ChannelStats:
     """Per-polarisation mean/std of what the network sees, over one split.
 
-    Every sample's two acquisitions count (as in training), after NaN fill and the dB
-    transform. Accumulated in float64 with Chan's pairwise merge, in file order, so the
-    same file always gives identical numbers.
+    Every sample's two acquisitions count (as in training), after the gaps are filled
+    (:func:`fill_gaps`, as the transform does) and the dB transform. Accumulated in
+    float64 with Chan's pairwise merge, in file order, so the same file always gives
+    identical numbers.
 
     Args:
         path: QuakeSet-format file.
@@ -176,7 +192,7 @@ def compute_stats(
     m2 = np.zeros(2)
     for i in tqdm(range(len(ds)), desc="stats", unit="sample", disable=not progress):
         ds._read_into(i, image)
-        filled: np.ndarray = np.nan_to_num(image, nan=nan_fill).reshape(2, 2, h * w)
+        filled = fill_gaps(image, nan_fill, linear=to_db).reshape(2, 2, h * w)
         if to_db:
             filled = 10.0 * np.log10(np.maximum(filled, 0.0) + eps)
         # (time, pol, pixels) -> (pol, time * pixels): both acquisitions count per channel.
@@ -209,8 +225,9 @@ class BatchTransform(nn.Module):
     Works on a whole batch ``(B, 4, H, W)`` (or ``(B, 2, 2, H, W)``) on any device, in a few
     vectorised operations. Flips are drawn per sample and only applied in training mode
     (``module.train()``); call ``.eval()`` for validation and inference. The output is
-    always finite: NaN is filled and negative values are clamped before the logarithm,
-    so even an entirely NaN patch gives a constant, finite image.
+    always finite: gaps (NaN, +-inf, negative linear values) are filled and the fill is
+    clamped at 0 before the logarithm, so even an entirely NaN patch gives a constant,
+    finite image.
 
     Args:
         nan_fill: Value for NaN pixels.
@@ -264,8 +281,10 @@ class BatchTransform(nn.Module):
             )
         # One new tensor, then in place: the input is never modified, and a CPU batch of
         # 16 x 4 x 512 x 512 is not copied five times over.
-        x = torch.nan_to_num(x.float(), nan=self.nan_fill)
+        fill = self.nan_fill
+        x = torch.nan_to_num(x.float(), nan=fill, posinf=fill, neginf=fill)  # gaps, see above
         if self.to_db:
+            x.masked_fill_(x < 0, fill)
             x.clamp_(min=0.0).add_(self.eps).log10_().mul_(10.0)
         if self.normalize:
             x.sub_(self.mean).div_(self.std)

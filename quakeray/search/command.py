@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ from quakeray import storage, tracking
 from quakeray.config import ExperimentConfig, replace, to_dict
 from quakeray.data.prepare import PreparedData, prepare_data
 from quakeray.errors import SearchError
+from quakeray.locks import claimed
 from quakeray.preflight import check_model
 from quakeray.search.confirm import confirm, log_confirmation
 from quakeray.search.results import (
@@ -90,6 +92,27 @@ def run_search(
     """
     t0 = time.monotonic()
     cfg, resumed = _config_and_state(cfg, resume)
+    with contextlib.ExitStack() as hold:
+        if resumed:  # a new search's folder is held as soon as it exists
+            hold.enter_context(_claimed(resumed[0]))
+        summary = _search(cfg, resumed, hold, callbacks)
+    summary.wall_s = time.monotonic() - t0
+    print(summary.format(top_k=cfg.search.top_k), flush=True)
+    return summary
+
+
+def _claimed(folder: str) -> contextlib.AbstractContextManager[None]:
+    """The search folder held by this driver: a second driver on it is refused."""
+    return claimed(folder, what="search folder", instead="resume it when that driver has ended")
+
+
+def _search(
+    cfg: ExperimentConfig,
+    resumed: tuple[str, SearchState] | None,
+    hold: contextlib.ExitStack,
+    callbacks: Sequence[Any],
+) -> SearchSummary:
+    """Checks, then Tune's run of the search, its summary and seed check; the parent closed."""
     check_space(cfg)
     check_metric(cfg)
     uri = resumed[1].tracking_uri if resumed else tracking.resolve_tracking_uri(cfg.tracking.uri)
@@ -102,6 +125,7 @@ def run_search(
         tuner = restored_tuner(search, folder=search.folder, test_trials=cfg.search.test_trials)
     else:
         search, searcher = _start(cfg, uri, data)
+        hold.enter_context(_claimed(search.folder))
         tuner = new_tuner(
             search,
             searcher,
@@ -124,8 +148,6 @@ def run_search(
         )
         raise
     tracking.end_run(uri, search.parent, "FINISHED")
-    summary.wall_s = time.monotonic() - t0
-    print(summary.format(top_k=cfg.search.top_k), flush=True)
     return summary
 
 

@@ -81,16 +81,33 @@ def new_search_dir(location: str, name: str) -> str:
     base = f"{name}-{stamp}"
     try:
         folder, n = storage.join(location, base), 1
-        while storage.exists(folder):
+        # Locally the folder is made in one step that fails when it exists: two searches
+        # started in the same second get -1 and -2, never one folder between them.
+        while not _made_new(folder):
             n += 1
             folder = storage.join(location, f"{base}-{n}")
-        storage.makedirs(folder)
     except (OSError, ValueError) as exc:  # unknown scheme, no credentials, read-only
         raise SearchError(
             f"run.storage_path {location}: cannot create the search folder ({exc}); "
             "set run.storage_path to a writable path or s3://BUCKET/PREFIX"
         ) from None
     return folder
+
+
+def _made_new(folder: str) -> bool:
+    """Create ``folder``; False when it already exists."""
+    if storage.is_remote(folder):
+        if storage.exists(folder):
+            return False
+        storage.makedirs(folder)
+        return True
+    path = storage.local_path(folder)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir()
+    except FileExistsError:
+        return False
+    return True
 
 
 def write_state(search_dir: str, state: SearchState) -> None:

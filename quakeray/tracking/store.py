@@ -13,6 +13,7 @@ global "active run" state, which would leak between Ray tasks sharing a process.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Mapping
@@ -25,6 +26,7 @@ import yaml
 from quakeray import storage
 from quakeray.config import ExperimentConfig, flatten, to_dict
 from quakeray.errors import TrackingError
+from quakeray.locks import waited_for
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -138,7 +140,11 @@ def check_tracking(uri: str) -> None:
             "use sqlite:////abs/path/mlflow.db or an http:// server"
         )
     try:
-        mlflow_client(uri).search_experiments(max_results=1)
+        # MLflow creates a new sqlite store's schema on first use, without a lock: two
+        # runs started together on a new store would both create its tables and one fail.
+        schema_lock = db.parent / f".{db.name}.lock" if db is not None else None
+        with waited_for(schema_lock) if schema_lock else contextlib.nullcontext():
+            mlflow_client(uri).search_experiments(max_results=1)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TrackingError(

@@ -3,7 +3,8 @@
 - :mod:`.command`: ``quakeray train`` (checks, one MLflow run around one fit, the summary);
 - :mod:`.trainer`: the ``TorchTrainer`` for a config, its ``fit``, its best checkpoint;
 - :mod:`.loop`: the worker loop and :class:`LoopConfig`, the driver-to-worker contract;
-- :mod:`.parts`: what the loop builds before its first epoch; :mod:`.epoch`: one epoch.
+- :mod:`.parts`: what the loop builds before its first epoch; :mod:`.epoch`: one epoch;
+- :mod:`.sync`: ``quakeray sync``, a run's MLflow record completed from its checkpoints.
 """
 
 from __future__ import annotations

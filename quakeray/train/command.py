@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,9 @@ from quakeray.checkpoint import (
 )
 from quakeray.config import ExperimentConfig, to_dict
 from quakeray.data.prepare import PreparedData, prepare_data
-from quakeray.errors import CheckpointError
+from quakeray.errors import CheckpointError, TrackingError
+from quakeray.locks import claimed
+from quakeray.tracking.store import RunStatus
 from quakeray.train.trainer import best_checkpoint_path, build_trainer, fit
 
 __all__ = ["RUN_INFO_FILE", "TrainSummary", "run_training"]
@@ -78,16 +81,17 @@ def run_training(cfg: ExperimentConfig, resume: str | None = None) -> TrainSumma
     """``quakeray train``: check everything, train, track, summarise.
 
     Order, cheapest checks first: print the resolved config; check the tracking store;
-    check ``--resume`` (and the checkpoints a rerun of ``run.name`` resumes); start or
-    join Ray and check its resources; prepare data; check the model builds; cluster
-    preflight; open the MLflow run and log the config; fit; log the best checkpoint's
-    outputs; close the run FINISHED (FAILED on error, KILLED on Ctrl-C).
+    check ``--resume``; hold the run folder (one process at a time); check the
+    checkpoints a rerun of ``run.name`` resumes; prepare data; check the model builds;
+    start or join Ray and check its resources; cluster preflight; open the MLflow run
+    and log the config; fit; log the best checkpoint's outputs; close the run FINISHED
+    (FAILED on error, KILLED on Ctrl-C).
 
     Raises:
         QuakerayError: Any bad input, before training where it can be known then.
+        BusyError: Another process trains in the same run folder.
     """
     from quakeray import tracking
-    from quakeray.tracking.outputs import finalize_run
 
     t0 = time.monotonic()
     print("resolved config:\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False), flush=True)
@@ -95,8 +99,29 @@ def run_training(cfg: ExperimentConfig, resume: str | None = None) -> TrainSumma
     tracking.check_tracking(uri)
     resume_from = _check_resume(cfg, resume)
     location = storage.resolve(cfg.run.storage_path)
-    name = cfg.run.name or f"train-{_slug(cfg.model.backbone)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = cfg.run.name or _generated_name(cfg)
     run_dir = storage.join(location, name)
+    # Two processes in one folder would prune each other's checkpoints and point its
+    # quakeray_run.json at the wrong MLflow run: the second is refused in one line.
+    with claimed(run_dir, what="run folder", instead="choose another run.name"):
+        summary = _train(cfg, uri, resume_from, location=location, name=name, run_dir=run_dir)
+    summary.wall_s = time.monotonic() - t0
+    print(summary.format(), flush=True)
+    return summary
+
+
+def _train(
+    cfg: ExperimentConfig,
+    uri: str,
+    resume_from: str | None,
+    *,
+    location: str,
+    name: str,
+    run_dir: str,
+) -> TrainSummary:
+    """Everything after the run folder is this process's: Ray, data, the MLflow run, fit."""
+    from quakeray import tracking
+
     _check_rerun(cfg, run_dir, name)
     data = _prepare_cluster_and_data(cfg, uri=uri, location=location)
     run_id, new_run = _open_run(cfg, uri, run_dir, name=name, resume_from=resume_from)
@@ -119,15 +144,54 @@ def run_training(cfg: ExperimentConfig, resume: str | None = None) -> TrainSumma
         best = best_checkpoint_path(result, run_dir=run_dir, metric=cfg.run.checkpoint_metric)
         if best is None:
             raise CheckpointError(f"training wrote no checkpoint under {run_dir}")
-        finalize_run(uri, run_id, cfg, best)
     except BaseException as exc:
-        tracking.end_run(uri, run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        _end_if_possible(uri, run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
-    tracking.end_run(uri, run_id, "FINISHED")
-    summary = _summary(result, best, name=name, run_dir=run_dir, run_id=run_id, uri=uri)
-    summary.wall_s = time.monotonic() - t0
-    print(summary.format(), flush=True)
-    return summary
+    _close_run(uri, run_id, cfg, best, run_dir=run_dir)
+    return _summary(result, best, name=name, run_dir=run_dir, run_id=run_id, uri=uri)
+
+
+def _close_run(uri: str, run_id: str, cfg: ExperimentConfig, best: str, *, run_dir: str) -> None:
+    """The best checkpoint's outputs logged and the run FINISHED, or how to do it later.
+
+    Raises:
+        TrackingError: Training ended well but the tracking server is away: the run's
+            record is completed later from its checkpoints with ``quakeray sync``.
+    """
+    from quakeray import tracking
+    from quakeray.tracking.outage import answers
+    from quakeray.tracking.outputs import finalize_run
+
+    try:
+        if not answers(uri):  # else MLflow's client retries each call for minutes
+            raise ConnectionError("no answer on /health")
+        finalize_run(uri, run_id, cfg, best)
+        tracking.end_run(uri, run_id, "FINISHED")
+    except Exception as exc:
+        if answers(uri):
+            _end_if_possible(uri, run_id, "FAILED")
+            raise
+        raise TrackingError(
+            f"training finished (best checkpoint {best}) but MLflow at {uri} does not answer "
+            f"({type(exc).__name__}), so run {run_id} is incomplete there; when it is back, "
+            f"run: quakeray sync {run_dir}"
+        ) from None
+
+
+def _end_if_possible(uri: str, run_id: str, status: RunStatus) -> None:
+    """Close the run with ``status``; a tracking server that is away does not mask the cause."""
+    from quakeray import tracking
+
+    try:
+        tracking.end_run(uri, run_id, status)
+    except Exception:
+        log.warning("could not mark MLflow run %s %s (is %s up?)", run_id, status, uri)
+
+
+def _generated_name(cfg: ExperimentConfig) -> str:
+    """``train-<backbone>-<time>-<4 hex>``: two runs started in the same second differ."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"train-{_slug(cfg.model.backbone)}-{stamp}-{secrets.token_hex(2)}"
 
 
 def _check_resume(cfg: ExperimentConfig, resume: str | None) -> str | None:
@@ -156,16 +220,16 @@ def _check_rerun(cfg: ExperimentConfig, run_dir: str, name: str) -> None:
 
 
 def _prepare_cluster_and_data(cfg: ExperimentConfig, *, uri: str, location: str) -> PreparedData:
-    """Ray started (or joined) and sized, the data prepared, the model and cluster checked."""
+    """The data prepared and the model checked, then Ray started (or joined), sized, checked."""
     from quakeray.preflight import check_model, preflight
     from quakeray.runtime import check_resources, init_ray
 
-    if cfg.scaling.num_workers > 0:
-        init_ray(cfg)
-        check_resources(cfg)
+    # Data and model first: a bad file or backbone fails in seconds, before Ray starts.
     data = prepare_data(cfg)
     check_model(cfg, data)
     if cfg.scaling.num_workers > 0:
+        init_ray(cfg)
+        check_resources(cfg)
         preflight(cfg, data_path=data.path, tracking_uri=uri, storage_path=location)
     return data
 

@@ -12,6 +12,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from quakeray.checkpoint import (
     Predictions,
@@ -37,6 +38,9 @@ from quakeray.train.parts import (
     build_model_parts,
     resume,
 )
+
+if TYPE_CHECKING:
+    from quakeray.tracking.outage import EpochLog
 
 __all__ = ["LoopConfig", "train_loop_per_worker"]
 
@@ -97,6 +101,8 @@ def train_loop_per_worker(spec: LoopConfig) -> None:
             # MLflow does), the line reaches the driver twice.
             sys.stdout.write(epoch_line(metrics, epochs) + "\n")
             sys.stdout.flush()
+    if logger is not None:
+        logger.flush()  # a last try for epochs held back while MLflow was away
 
 
 def _checkpoint_and_report(
@@ -148,22 +154,10 @@ def _checkpoint_and_report(
         prune_checkpoints(local_dir, run.checkpoints_to_keep, metric=run.checkpoint_metric)
 
 
-class _EpochLogger:
-    """Rank 0's MLflow logging of epoch metrics: each epoch once, even across restarts."""
-
-    def __init__(self, uri: str, run_id: str) -> None:
-        from quakeray.tracking import RunLogger
-
-        self._logger = RunLogger(uri, run_id)
-        self._logged = self._logger.logged_steps("epoch")
-
-    def log_once(self, metrics: dict[str, float], *, epoch: int) -> None:
-        if epoch not in self._logged:
-            self._logger.log_metrics(metrics, step=epoch)
-            self._logged.add(epoch)
-
-
-def _epoch_logger(spec: LoopConfig) -> _EpochLogger | None:
+def _epoch_logger(spec: LoopConfig) -> EpochLog | None:
+    """Rank 0's MLflow log of epochs, when this run logs its own (a search's driver does not)."""
     if not (spec.mlflow_run_id and spec.log_metrics):
         return None
-    return _EpochLogger(spec.tracking_uri, spec.mlflow_run_id)
+    from quakeray.tracking.outage import EpochLog
+
+    return EpochLog(spec.tracking_uri, spec.mlflow_run_id)

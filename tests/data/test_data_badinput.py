@@ -181,3 +181,42 @@ def test_all_nan_patches_counted_and_filled(tiny_h5: Path, tmp_path: Path) -> No
     assert torch.isnan(raw).all()
     out = BatchTransform(mean=stats.mean, std=stats.std, flips=True)(raw[None])
     assert torch.isfinite(out).all()
+
+
+def _train_patches(f: h5py.File) -> list[h5py.Group]:
+    events = [f[k] for k in sorted(f.keys()) if f[k].attrs.get("split") == "train"]
+    return [e[n] for e in events for n in sorted(e) if n.startswith("patch_")]
+
+
+def test_poisoned_pixels_are_counted_and_treated_as_gaps(tiny_h5: Path, tmp_path: Path) -> None:
+    # The same pixels made +inf / -inf / negative in one file and NaN in another: inspect
+    # counts them, and statistics and the transform see the two files identically.
+    poisoned, gaps = _copy(tiny_h5, tmp_path / "poison.h5"), _copy(tiny_h5, tmp_path / "nan.h5")
+    for path, values in ((poisoned, (np.inf, -np.inf, -3.0)), (gaps, (np.nan,) * 3)):
+        with h5py.File(path, "a") as f:
+            first, second = _train_patches(f)[:2]
+            first["post"][...] = values[0]  # a whole array at +inf, as in the report
+            pre = second["pre"][()]
+            flat = pre.reshape(-1)  # a view: four pixel values of each kind
+            flat[:4], flat[4:8] = values[1], values[2]
+            second["pre"][...] = pre
+    report = inspect_file(poisoned)
+    with h5py.File(poisoned) as f:
+        post_pixels = _train_patches(f)[0]["post"].size
+    assert (report.infinite_pixels, report.negative_pixels) == (post_pixels + 4, 4)
+    assert len(report.invalid_examples) == 2 and "invalid pixels" in report.format()
+    assert inspect_file(tiny_h5).infinite_pixels == 0  # clean data says nothing
+    assert "invalid pixels" not in inspect_file(tiny_h5).format()
+
+    clean_stats = compute_stats(gaps, progress=False)
+    stats = compute_stats(poisoned, progress=False)
+    assert stats.mean == clean_stats.mean and stats.std == clean_stats.std
+    ds, ds_gaps = QuakeSetDataset(poisoned, "train"), QuakeSetDataset(gaps, "train")
+    batch = torch.stack([ds[i]["image"] for i in range(4)])
+    assert not torch.isfinite(batch).all() and (batch < 0).any()
+    reference = torch.stack([ds_gaps[i]["image"] for i in range(4)])
+    transform = BatchTransform(mean=stats.mean, std=stats.std).eval()
+    out = transform(batch)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, transform(reference))
+    assert torch.isinf(batch).any()  # the input is left as it was

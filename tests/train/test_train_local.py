@@ -293,6 +293,74 @@ def test_cli_checkpoint_of_another_backbone(local_run: LocalRun, tmp_path: Path)
     _assert_one_line_error(proc, "'test_resnet'", "'test_vit'")
 
 
+def test_cli_bad_data_and_batch_fail_in_seconds_before_ray(tmp_path: Path) -> None:
+    # Found before Ray starts: no "Started a local Ray instance" line, one error line.
+    (tmp_path / "adir").mkdir()
+    proc = _cli("train", "--smoke-test", f"data.path={tmp_path / 'adir'}", cwd=tmp_path)
+    _assert_one_line_error(proc, "is a directory", "the QuakeSet HDF5 file inside")
+    assert "Ray instance" not in proc.stderr
+    proc = _cli(
+        "train", "--smoke-test", "optim.batch_size=2", "scaling.num_workers=2", cwd=tmp_path
+    )
+    _assert_one_line_error(proc, "batches of 1", "raise optim.batch_size")
+
+
+def test_a_run_folder_is_trained_in_by_one_process_at_a_time(
+    local_run: LocalRun, tmp_path: Path
+) -> None:
+    from quakeray.errors import BusyError
+    from quakeray.locks import held
+
+    folder = local_run.root / "ray_results" / "claimed"
+    with held(folder, what="run folder", instead="wait"):
+        # Another process (the CLI) is refused in one line, naming this one...
+        proc = _cli(
+            "train",
+            *_overrides(local_run.root, local_run.data, local_run.uri),
+            "run.name=claimed",
+            cwd=tmp_path,
+        )
+        _assert_one_line_error(proc, "run folder", "is in use by pid", "run.name")
+        # ...and so is a second run in this process (flock is per open file).
+        cfg = load_config(
+            None, [*_overrides(local_run.root, local_run.data, local_run.uri), "run.name=claimed"]
+        )
+        with pytest.raises(BusyError):
+            run_training(cfg)
+    assert not find_checkpoints(folder)  # nothing was written by either
+
+
+@pytest.mark.slow
+def test_two_runs_started_at_once_on_a_new_store_stay_apart(tiny_h5: Path, tmp_path: Path) -> None:
+    # The same command twice at the same moment, a fresh sqlite store, one storage path:
+    # both finish, each in its own folder and MLflow run (names differ by a random part).
+    data = tmp_path / "q.h5"
+    data.write_bytes(tiny_h5.read_bytes())
+    args = [
+        sys.executable,
+        "-m",
+        "quakeray",
+        "train",
+        *_overrides(tmp_path, data, f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"),
+        "optim.epochs=1",
+        "tracking.log_model=false",
+    ]
+    procs = [
+        subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e.decode()[-1500:] for _, e in outs]
+    folders = sorted((tmp_path / "ray_results").glob("train-test_resnet-*"))
+    assert len(folders) == 2
+    client = MlflowClient(f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("local-tests").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+    assert {r.data.tags["quakeray.run_dir"] for r in runs} == {str(f) for f in folders}
+    for folder in folders:
+        assert len(find_checkpoints(folder)) == 1
+
+
 @pytest.mark.slow
 def test_cli_impossible_scaling(tmp_path: Path) -> None:
     # No GPU here: asking for GPU workers must fail at once, not wait for them forever.
@@ -303,7 +371,7 @@ def test_cli_impossible_scaling(tmp_path: Path) -> None:
         "--smoke-test",
         "run.num_cpus=2",
         "scaling.num_workers=8",
-        "optim.batch_size=8",
+        "optim.batch_size=16",
         cwd=tmp_path,
     )
     _assert_one_line_error(proc, "needs 4 CPUs", "has 2")
