@@ -162,7 +162,7 @@ class RunConfig:
 
     name: str = ""  # run name (Ray storage folder); "" = generated
     storage_path: str = "ray_results"  # checkpoints and Tune state; s3://... or NFS on clusters
-    checkpoints_to_keep: int = 2  # top-k checkpoints by checkpoint_metric
+    checkpoints_to_keep: int = 2  # best k by checkpoint_metric, plus the latest (to resume)
     # What ranks a run's checkpoints (lower is better): the best one is the model a run
     # or trial stands for. val_MAE here; the paper's code kept the best val_loss.
     checkpoint_metric: Literal["val_MAE", "val_loss"] = "val_MAE"

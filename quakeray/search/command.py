@@ -40,7 +40,12 @@ from quakeray.search.results import (
     results_list,
     rows_csv,
 )
-from quakeray.search.runs import child_runs, close_open_children, finish_orphaned_runs
+from quakeray.search.runs import (
+    RUN_KEY,
+    child_runs,
+    close_open_children,
+    finish_orphaned_runs,
+)
 from quakeray.search.scheduler import build_scheduler, describe_scheduler
 from quakeray.search.searchers import build_searcher
 from quakeray.search.space import (
@@ -131,7 +136,7 @@ def _search(
             searcher,
             folder=search.folder,
             num_samples=num_trials(cfg),
-            scheduler=build_scheduler(cfg),
+            scheduler=build_scheduler(cfg, train_storage=storage.join(search.folder, TRAIN_SUBDIR)),
             test_trials=cfg.search.test_trials,
             callbacks=callbacks,
         )
@@ -257,7 +262,9 @@ def _finish(search: Search, results: ResultGrid) -> SearchSummary:
         train_storage=storage.join(search.folder, TRAIN_SUBDIR),
     )
     # Nobody stays RUNNING, whatever happened.
-    close_open_children(search.uri, search.experiment_id, search.parent)
+    configs = (getattr(results[i], "config", None) or {} for i in range(len(results)))
+    tune_runs = {str(c[RUN_KEY]) for c in configs if c.get(RUN_KEY)}
+    close_open_children(search.uri, search.experiment_id, search.parent, tune_runs=tune_runs)
     shown = [*s.space, *(k for p in reference_points(cfg) for k in p.values)]
     runs = child_runs(search.uri, search.experiment_id, search.parent)
     rows = collect_rows(

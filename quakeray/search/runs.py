@@ -29,7 +29,7 @@ Statuses (tag ``quakeray.status``, with the MLflow run status in brackets): ``ru
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from quakeray import storage, tracking
@@ -261,9 +261,22 @@ def _best_reported(frame: Any, metric: str, train_storage: str) -> str | None:
     return storage.with_scheme_of(str(best), train_storage)
 
 
-def close_open_children(uri: str, experiment_id: str, parent_run_id: str) -> None:
-    """Close the runs still RUNNING as ``cancelled``, but for those being finalised."""
+def close_open_children(
+    uri: str, experiment_id: str, parent_run_id: str, *, tune_runs: Collection[str] | None = None
+) -> None:
+    """Close the runs still RUNNING as ``cancelled``, but for those being finalised.
+
+    With ``tune_runs`` (the run ids of every trial Tune knows), a RUNNING run outside it
+    that holds no metric is deleted instead: a suggestion the searcher made, and opened a
+    run for, just before the driver died and before Tune saved it as a trial. The resumed
+    search suggests again; that run stood for no trial.
+    """
     finalising = pending_runs()  # a second Ctrl-C cut the wait for them short
+    client = tracking.mlflow_client(uri)
     for run in child_runs(uri, experiment_id, parent_run_id):
-        if run.info.status == "RUNNING" and run.info.run_id not in finalising:
+        if run.info.status != "RUNNING" or run.info.run_id in finalising:
+            continue
+        if tune_runs is not None and run.info.run_id not in tune_runs and not run.data.metrics:
+            client.delete_run(run.info.run_id)
+        else:
             close_trial_run(uri, run.info.run_id, "cancelled")

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
+from quakeray import storage
+from quakeray.checkpoint import HISTORY_FILE, parse_history
 from quakeray.config import ExperimentConfig
+from quakeray.search.runs import CHECKPOINT_KEY
 from quakeray.search.space import REFERENCE_KEY
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
 
 __all__ = ["EpochASHA", "build_scheduler", "describe_scheduler", "max_epochs"]
+
+log = logging.getLogger(__name__)
 
 
 class EpochASHA(AsyncHyperBandScheduler):  # type: ignore[misc]
@@ -27,7 +33,35 @@ class EpochASHA(AsyncHyperBandScheduler):  # type: ignore[misc]
     - The reference points (MSE only, the paper's point) are never stopped: they are the
       baselines every trial is compared with, which only means something at full length.
       Their results still set the rungs' cut-offs for the other trials.
+    - Tune does not save a scheduler's state with the experiment, so a resumed search
+      would judge its next trials against empty rungs. The rungs are rebuilt instead
+      from each ended trial's epochs (its checkpoint's ``history.json``); a trial that
+      runs again reports its epochs again first, and ASHA judges them as it would have
+      (:func:`quakeray.search.trial.search_trial`).
+
+    Args:
+        train_storage: Where the trials' Train runs are (gives reported checkpoint paths
+            their scheme, to read their history).
+        **asha: ``AsyncHyperBandScheduler``'s arguments.
     """
+
+    def __init__(self, *, train_storage: str = "", **asha: Any) -> None:
+        super().__init__(**asha)
+        self.train_storage = train_storage
+
+    def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
+        """A new trial gets its bracket; a restored, ended one puts its epochs in the rungs.
+
+        A restored trial that runs again reports its epochs again itself, and is judged.
+        """
+        super().on_trial_add(tune_controller, trial)
+        if getattr(trial, "status", "PENDING") == "PENDING":
+            return
+        for metrics in self._restored_history(trial):
+            # The decision was taken when the epoch first ran; only the rung is rebuilt.
+            super().on_trial_result(
+                tune_controller, trial, _with_epoch_time(metrics, self._time_attr)
+            )
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
         """ASHA's decision on epochs completed; never STOP at the last epoch or a reference."""
@@ -41,6 +75,20 @@ class EpochASHA(AsyncHyperBandScheduler):  # type: ignore[misc]
         """Record the final result on epochs completed."""
         super().on_trial_complete(tune_controller, trial, _with_epoch_time(result, self._time_attr))
 
+    def _restored_history(self, trial: Trial) -> list[dict[str, Any]]:
+        """Every epoch a restored trial reported, from its last checkpoint; [] if none."""
+        last = getattr(trial, "last_result", None) or {}
+        path = last.get(CHECKPOINT_KEY)
+        if not path:
+            return []
+        file = storage.join(storage.with_scheme_of(str(path), self.train_storage), HISTORY_FILE)
+        try:
+            history = parse_history(storage.read_text(file))
+        except Exception:  # pruned or unreadable: the rungs miss this trial, as before
+            log.warning("trial %s: no history at %s for ASHA's rungs", trial.trial_id, file)
+            return []
+        return [{k: v for k, v in m.items() if v is not None} for m in history]
+
 
 def _with_epoch_time(result: dict[str, Any], time_attr: str) -> dict[str, Any]:
     if "epoch" not in result:
@@ -48,13 +96,14 @@ def _with_epoch_time(result: dict[str, Any], time_attr: str) -> dict[str, Any]:
     return {**result, time_attr: int(result["epoch"]) + 1}
 
 
-def build_scheduler(cfg: ExperimentConfig) -> EpochASHA | None:
+def build_scheduler(cfg: ExperimentConfig, *, train_storage: str = "") -> EpochASHA | None:
     """ASHA over epochs (``max_t`` = the most epochs a trial can run), or None."""
     s = cfg.search
     if not s.asha:
         return None
     max_t = max_epochs(cfg)
     return EpochASHA(
+        train_storage=train_storage,
         time_attr="training_iteration",
         max_t=max_t,
         grace_period=min(s.grace_period, max_t),

@@ -11,10 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from quakeray.checkpoint import HISTORY_FILE, METRICS_FILE, checkpoint_dir_name, parse_history
 from quakeray.config import VARIANT_KEY, ExperimentConfig
 from quakeray.data.prepare import PreparedData
 from quakeray.errors import CheckpointError
-from quakeray.search.runs import RUN_KEY
+from quakeray.search.runs import CHECKPOINT_KEY, RUN_KEY
 from quakeray.search.space import sample_of, trial_config
 
 __all__ = ["TrialSetup", "search_trial"]
@@ -56,6 +57,21 @@ def search_trial(config: dict[str, Any], *, setup: TrialSetup) -> None:
 
         check_model(cfg, setup.data)
     name = f"train-{trial_id}"
+    run_dir = storage.join(setup.train_storage, name)
+    latest = _latest_checkpoint(run_dir, cfg.optim.epochs)
+    if latest is not None:
+        # Tune restarted the trial (a resumed search). The driver may have died after
+        # Train persisted epochs and before Tune and its scheduler recorded them (Tune
+        # saves no scheduler state at all): every epoch is reported again first, so ASHA
+        # decides on each as it would have (the driver logs each epoch once). And when
+        # the last epoch is done, Train has nothing left to run and would report nothing,
+        # which Tune takes for a trial without its metric.
+        folder, epoch = latest
+        _report_again(run_dir, folder)
+        if epoch == cfg.optim.epochs - 1:
+            best = best_checkpoint_path(None, run_dir=run_dir, metric=cfg.run.checkpoint_metric)
+            _test_if_asked(setup, best or folder, run_id, last_epoch=epoch)
+            return
     trainer = build_trainer(
         cfg,
         data=setup.data,
@@ -67,14 +83,48 @@ def search_trial(config: dict[str, Any], *, setup: TrialSetup) -> None:
         callbacks=[TuneReportCallback()],  # type: ignore[no-untyped-call]
     )
     result = trainer.fit()
-    run_dir = storage.join(setup.train_storage, name)
     best = best_checkpoint_path(result, run_dir=run_dir, metric=cfg.run.checkpoint_metric)
     if best is None:
         raise CheckpointError(f"trial {trial_id} wrote no checkpoint under {run_dir}")
-    if setup.test_trials:
-        from quakeray.evaluate import evaluate_checkpoint
-        from quakeray.tracking import RunLogger
+    _test_if_asked(setup, best, run_id, last_epoch=int((result.metrics or {}).get("epoch", 0)))
 
-        evaluated = evaluate_checkpoint(best, split="test", data_path=setup.data.path)
-        last_epoch = int((result.metrics or {}).get("epoch", 0))
-        RunLogger(setup.tracking_uri, run_id).log_metrics(evaluated.metrics, step=last_epoch)
+
+def _report_again(run_dir: str, latest: str) -> None:
+    """Report every epoch in the latest checkpoint's history to Tune, oldest first."""
+    from ray import tune
+
+    from quakeray import storage
+
+    for metrics in parse_history(storage.read_text(storage.join(latest, HISTORY_FILE))):
+        result: dict[str, Any] = {k: v for k, v in metrics.items() if v is not None}
+        folder = storage.join(run_dir, checkpoint_dir_name(int(result.get("epoch", 0))))
+        if storage.is_file(storage.join(folder, METRICS_FILE)):  # not pruned
+            result[CHECKPOINT_KEY] = folder
+        tune.report(result)
+
+
+def _latest_checkpoint(run_dir: str, epochs: int) -> tuple[str, int] | None:
+    """The run's newest checkpoint and its epoch, or None for a run not started.
+
+    Looked up by name from the last epoch down (no listing: ``s3://`` has none cheap).
+    """
+    from quakeray import storage
+
+    if not storage.is_dir(run_dir):
+        return None
+    for epoch in range(epochs - 1, -1, -1):
+        folder = storage.join(run_dir, checkpoint_dir_name(epoch))
+        if storage.is_file(storage.join(folder, METRICS_FILE)):
+            return folder, epoch
+    return None
+
+
+def _test_if_asked(setup: TrialSetup, best: str, run_id: str, *, last_epoch: int) -> None:
+    """With ``search.test_trials``: the best checkpoint's test metrics into the trial's run."""
+    if not setup.test_trials:
+        return
+    from quakeray.evaluate import evaluate_checkpoint
+    from quakeray.tracking import RunLogger
+
+    evaluated = evaluate_checkpoint(best, split="test", data_path=setup.data.path)
+    RunLogger(setup.tracking_uri, run_id).log_metrics(evaluated.metrics, step=last_epoch)
