@@ -18,7 +18,7 @@ import os
 from collections.abc import Iterator, Mapping
 from urllib.parse import urlparse
 
-from quakeray.tracking.store import RunLogger
+from quakeray.tracking.store import RunLogger, server_health
 
 __all__ = ["EpochLog", "answers"]
 
@@ -42,7 +42,7 @@ def answers(uri: str) -> bool:
     import requests
 
     try:
-        return bool(requests.get(f"{uri.rstrip('/')}/health", timeout=_PROBE_TIMEOUT_S).ok)
+        return bool(server_health(uri, timeout=_PROBE_TIMEOUT_S).ok)
     except requests.RequestException:
         return False
 
@@ -61,11 +61,6 @@ class EpochLog:
         self._logged: set[int] | None = None  # epochs already in MLflow (read when it answers)
         self._pending: dict[int, dict[str, float]] = {}
         self._away = False
-
-    @property
-    def pending(self) -> list[int]:
-        """Epochs not in MLflow yet (the server did not answer when they ended)."""
-        return sorted(self._pending)
 
     def log_once(self, metrics: Mapping[str, float], *, epoch: int) -> None:
         """Log an epoch's metrics unless MLflow has them; keep them while it is away."""

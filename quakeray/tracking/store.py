@@ -45,6 +45,7 @@ __all__ = [
     "mlflow_ui_command",
     "resolve_tracking_uri",
     "run_status",
+    "server_health",
     "start_run",
 ]
 
@@ -112,7 +113,7 @@ def check_tracking(uri: str) -> None:
         import requests
 
         try:
-            response = requests.get(f"{uri.rstrip('/')}/health", timeout=_HEALTH_TIMEOUT_S)
+            response = server_health(uri)
         except requests.RequestException as exc:
             raise TrackingError(
                 f"MLflow tracking server {uri} is not reachable ({type(exc).__name__}); "
@@ -150,6 +151,17 @@ def check_tracking(uri: str) -> None:
         raise TrackingError(
             f"MLflow store {uri} cannot be used: {first[:200]}; fix tracking.uri"
         ) from None
+
+
+def server_health(uri: str, *, timeout: float = _HEALTH_TIMEOUT_S) -> Any:
+    """The answer of an MLflow server's ``/health`` (a ``requests.Response``).
+
+    Raises:
+        requests.RequestException: No answer within ``timeout`` seconds.
+    """
+    import requests
+
+    return requests.get(f"{uri.rstrip('/')}/health", timeout=timeout)
 
 
 def check_existing_store(uri: str, hint: str) -> None:
