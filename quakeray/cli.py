@@ -150,6 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-log", action="store_true", help="do not log to the MLflow run")
     evaluate.set_defaults(handler=_cmd_evaluate)
 
+    predict = commands.add_parser(
+        "predict", help="estimate magnitudes on new Sentinel-1 GeoTIFF pairs (or a manifest)"
+    )
+    from quakeray.predict.command import add_predict_arguments
+
+    add_predict_arguments(predict)
+    predict.set_defaults(handler=_cmd_predict)
+
     sync = commands.add_parser(
         "sync", help="complete a training run's MLflow record from its checkpoints"
     )
@@ -200,6 +208,17 @@ def _add_data_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     stats.add_argument("--out", type=Path, help="JSON path (default: FILE.stats.json)")
     stats.set_defaults(handler=_cmd_data_stats)
 
+    scene = data_commands.add_parser(
+        "scene", help="write one event's patches as a pre/post GeoTIFF pair (for predict)"
+    )
+    scene.add_argument("file", type=Path, help="a QuakeSet-format HDF5 file")
+    scene.add_argument("out", type=Path, help="folder for pre.tif, post.tif, scene.json")
+    scene.add_argument(
+        "--event", help="event id (default: the first of --split; all: every event of it)"
+    )
+    scene.add_argument("--split", choices=["train", "val", "test"], default="test")
+    scene.set_defaults(handler=_cmd_data_scene)
+
     download = data_commands.add_parser("download", help="download the published QuakeSet file")
     download.add_argument("dir", type=Path, nargs="?", default=Path("data"))
     download.add_argument("--url", help="a mirror of the pinned file (default: Hugging Face hub)")
@@ -245,6 +264,13 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_scene(args: argparse.Namespace) -> int:
+    from quakeray.data.scenes import write_scene
+
+    print(write_scene(args.file, args.out, event=args.event, split=args.split).format())
+    return 0
+
+
 def _cmd_data_download(args: argparse.Namespace) -> int:
     from quakeray.data.download import download
 
@@ -280,6 +306,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         log=not args.no_log,
     )
     return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from quakeray.predict.command import run_predict
+
+    return run_predict(args)
 
 
 def _cmd_sync(args: argparse.Namespace) -> int:

@@ -154,6 +154,7 @@ class TrackingConfig:
     experiment: str = "quakeray"  # MLflow experiment name
     run_name: str = ""  # "" = generated from backbone and time
     log_model: bool = True  # log the best model with mlflow.pytorch.log_model
+    register_best: bool = True  # a search registers its best model: models:/<name>@champion
 
 
 @dataclass

@@ -23,7 +23,7 @@ from quakeray.checkpoint import STATE_FILE, Predictions, best_checkpoint, checkp
 from quakeray.errors import CheckpointError, DataError, TrackingError
 from quakeray.tracking import tags
 
-__all__ = ["SPLIT_NAMES", "EvalResult", "evaluate_checkpoint", "evaluate_target"]
+__all__ = ["SPLIT_NAMES", "EvalResult", "evaluate_checkpoint", "evaluate_target", "resolve_target"]
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def evaluate_target(
     """
     from quakeray.tracking import resolve_tracking_uri
 
-    checkpoint = _resolve_target(target, tracking_uri)
+    checkpoint = resolve_target(target, tracking_uri)
     result = evaluate_checkpoint(checkpoint, split=split, data_path=data_path)
     uri = resolve_tracking_uri(tracking_uri or result.tracking_uri)
     if log and result.run_id:
@@ -163,7 +163,13 @@ def evaluate_target(
     return result
 
 
-def _resolve_target(target: str, tracking_uri: str | None) -> str:
+def resolve_target(target: str, tracking_uri: str | None) -> str:
+    """The checkpoint folder a checkpoint path, run folder or MLflow run id stands for.
+
+    Raises:
+        CheckpointError: Nothing found for ``target``.
+        TrackingError: A run id, but the store does not exist or cannot be read.
+    """
     from quakeray.tracking import resolve_tracking_uri
 
     path = Path(target).expanduser()

@@ -101,6 +101,16 @@ def local_copy(path: str) -> Iterator[Path]:
         yield Path(folder)
 
 
+def download_file(path: str, target: Path) -> Path:
+    """Copy the file at the URI ``path`` to the local ``target``, streamed, not held in memory."""
+    import shutil
+
+    fs, inner = filesystem(path)
+    with fs.open_input_stream(inner) as src, target.open("wb") as dst:
+        shutil.copyfileobj(src, dst, length=1 << 22)
+    return target
+
+
 def _split_query(path: str) -> tuple[str, str]:
     if is_remote(path) and "?" in path:
         base, query = path.split("?", 1)
@@ -219,6 +229,7 @@ def write_text_atomic(path: str, text: str) -> None:
 
 __all__ = [
     "LOCAL_SCHEMES",
+    "download_file",
     "exists",
     "filesystem",
     "is_dir",

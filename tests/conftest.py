@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,67 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.uri
     finally:
         server.stop()
+
+
+@dataclass
+class S3Server:
+    """A real S3 API (``moto_server``) on 127.0.0.1 and one bucket in it."""
+
+    endpoint: str  # host:port
+    bucket: str
+
+    def uri(self, key: str) -> str:
+        """``s3://bucket/key`` with the query that points pyarrow (and Ray) at this server."""
+        return f"s3://{self.bucket}/{key}?endpoint_override={self.endpoint}&scheme=http"
+
+    def upload(self, local: Path, key: str) -> str:
+        """Copy a local file into the bucket; returns its URI."""
+        from pyarrow.fs import FileSystem
+
+        uri = self.uri(key)
+        fs, inner = FileSystem.from_uri(uri)
+        with fs.open_output_stream(inner) as out:
+            out.write(local.read_bytes())
+        return uri
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """``moto_server`` on a free loopback port, with fake credentials in the environment."""
+    import requests
+    from pyarrow.fs import FileSystem
+
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
+        os.environ.setdefault(key, value)
+    port = free_port()
+    server_bin = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
+    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
+    proc = subprocess.Popen(
+        [server_bin, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/moto-api/", timeout=2).ok:
+                break
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("moto_server did not start")
+        time.sleep(0.2)
+    server = S3Server(f"127.0.0.1:{port}", "quakeray-test")
+    fs, _ = FileSystem.from_uri(server.uri("x") + "&allow_bucket_creation=true")
+    fs.create_dir(server.bucket)
+    try:
+        yield server
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "quakeray.runtime": 4,
     "quakeray.preflight": 4,
     "quakeray.train": 5,
+    "quakeray.predict": 5,
     "quakeray.search": 6,
     "quakeray.report": 6,
     "quakeray.cli": 7,

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -74,6 +75,8 @@ if TYPE_CHECKING:
     from ray.tune import ResultGrid
 
 __all__ = ["run_search"]
+
+log = logging.getLogger(__name__)
 
 
 def run_search(
@@ -375,3 +378,16 @@ def _log_best(search: Search, summary: SearchSummary) -> None:
         evaluated = evaluate_checkpoint(checkpoint, split="test", data_path=search.data.path)
         summary.test_metrics = dict(evaluated.metrics)
         logger.log_metrics(summary.test_metrics, step=0)
+    if search.cfg.tracking.register_best and checkpoint and best.run_id:
+        from mlflow.exceptions import MlflowException
+
+        from quakeray.tracking.outputs import register_model
+
+        name = search.cfg.search.name
+        try:
+            summary.registered_model = register_model(search.uri, best.run_id, checkpoint, name)
+        except (MlflowException, OSError) as exc:  # the search's answer stands without it
+            reason = str(exc).strip().splitlines()[0][:200]
+            log.warning("the best model was not registered as %r: %s", name, reason)
+        else:
+            logger.set_tags({tags.REGISTERED_MODEL: summary.registered_model})

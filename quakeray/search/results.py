@@ -118,6 +118,7 @@ class SearchSummary:
     best: TrialRow | None
     best_checkpoint: str | None
     test_metrics: dict[str, float] = field(default_factory=dict)
+    registered_model: str | None = None  # models:/<name>@champion
     confirmation: Confirmation | None = None
     wall_s: float = 0.0
 
@@ -159,6 +160,8 @@ class SearchSummary:
             )
             lines.append(f"best config      {_params_text(self.best.params)}")
             lines.append(f"best checkpoint  {self.best_checkpoint}")
+            if self.registered_model:
+                lines.append(f"best model       {self.registered_model} (quakeray predict --model)")
         lines += _test_lines(self.test_metrics)
         if self.confirmation is not None:
             lines += ["", self.confirmation.format(), ""]

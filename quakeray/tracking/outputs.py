@@ -28,7 +28,10 @@ from quakeray.config import ExperimentConfig
 from quakeray.tracking import tags
 from quakeray.tracking.store import RunLogger
 
-__all__ = ["finalize_run", "log_model", "log_prediction_outputs"]
+__all__ = ["CHAMPION", "finalize_run", "log_model", "log_prediction_outputs", "register_model"]
+
+CHAMPION = "champion"
+"""The alias a search gives its best model: ``models:/<search name>@champion``."""
 
 
 def finalize_run(uri: str, run_id: str, cfg: ExperimentConfig, checkpoint_path: str) -> None:
@@ -143,3 +146,31 @@ def log_model(uri: str, run_id: str, state: Mapping[str, Any]) -> None:
             serialization_format="pickle",
         )
     client.update_run(run_id, status=status)
+
+
+def register_model(uri: str, run_id: str, checkpoint_path: str, name: str) -> str:
+    """Register the run's model as a new version of ``name``, aliased :data:`CHAMPION`.
+
+    The run's logged model is used when it has one; else it is logged first, from
+    ``checkpoint_path`` (a search's trials do not each log a model).
+
+    Returns:
+        The URI that loads it: ``models:/<name>@champion``.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_run(run_id).info.experiment_id
+    logged = client.search_logged_models(
+        experiment_ids=[experiment], filter_string=f"source_run_id = '{run_id}'"
+    )
+    if not logged:
+        with storage.local_copy(checkpoint_path) as folder:
+            log_model(uri, run_id, load_checkpoint(folder))
+        logged = client.search_logged_models(
+            experiment_ids=[experiment], filter_string=f"source_run_id = '{run_id}'"
+        )
+    mlflow.set_tracking_uri(uri)
+    version = mlflow.register_model(f"models:/{logged[0].model_id}", name)
+    client.set_registered_model_alias(name, CHAMPION, version.version)
+    return f"models:/{name}@{CHAMPION}"

@@ -14,6 +14,7 @@ __all__ = [
     "CONFIRM",
     "ERROR",
     "REFERENCE",
+    "REGISTERED_MODEL",
     "RESTARTS",
     "RESUMED_FROM",
     "ROLE",
@@ -48,6 +49,7 @@ ERROR = "quakeray.error"  # first line of a failed trial's error
 RESTARTS = "quakeray.restarts"  # times Tune restarted the trial
 BEST_TRIAL_ID = "quakeray.best_trial_id"  # on the parent: the best trial
 BEST_RUN_ID = "quakeray.best_run_id"  # on the parent: the best trial's run
+REGISTERED_MODEL = "quakeray.registered_model"  # on the parent: models:/<search>@champion
 CONFIRM = "quakeray.confirm"  # confirmation runs: mse_only | paper | best
 SEED = "quakeray.seed"  # confirmation runs: their optim.seed
 VERDICT = "quakeray.verdict"  # on the parent: the seed-confirmed verdict, one sentence

@@ -142,6 +142,14 @@ def test_parent_run_holds_the_search(searched: Searched) -> None:
     assert "plots/val_MAE_margin_weight.png" in artifacts
     csv_text = Path(client.download_artifacts(s.parent_run_id, "results.csv")).read_text()
     assert len(csv_text.strip().splitlines()) == 1 + len(s.rows)
+    # The best model is registered (trials log none): models:/<search name>@champion.
+    assert s.registered_model == "models:/asha-test@champion"
+    assert parent.data.tags["quakeray.registered_model"] == s.registered_model
+    version = client.get_model_version_by_alias("asha-test", "champion")
+    assert version.run_id == s.best.run_id  # type: ignore[union-attr]
+    from quakeray.predict.model import load_predictor
+
+    assert load_predictor(s.registered_model, tracking_uri=searched.uri).tile_size == 32
 
 
 def test_report_table_of_the_finished_search(
