@@ -12,13 +12,17 @@ run batched in :class:`quakeray.data.transforms.BatchTransform`, on the GPU when
 one. Reading is built for throughput: one lazily opened handle per process (re-opened after
 a fork, so DataLoader and Ray workers are safe), cached dataset objects, ``read_direct``
 into a preallocated per-process buffer, and a batched ``__getitems__`` that fills one batch
-tensor which :func:`collate` hands on without another copy.
+tensor which :func:`collate` hands on without another copy. The ``raw`` layout goes one
+step further: each array is read with ``read_direct`` straight into its place in the batch,
+in the file's ``(H, W, 2)`` order, and the transposition is left to the transform's first
+pass (``transform(image, layout="raw")``), which touches every value anyway.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -38,7 +42,7 @@ SPLITS: dict[str, str] = {"train": "train", "val": "validation", "test": "test"}
 """Our split names -> the names stored in the file's ``split`` attributes."""
 
 Split = Literal["train", "val", "test"]
-Layout = Literal["stacked", "temporal"]
+Layout = Literal["stacked", "temporal", "raw"]
 
 
 class SampleList(list[dict[str, Any]]):
@@ -56,7 +60,8 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     Returns the batch :meth:`QuakeSetDataset.__getitems__` already built (image
     ``(B, 4, H, W)`` or ``(B, 2, 2, H, W)``, ``label`` int64 ``(B,)``, ``magnitude`` float32
-    ``(B,)``, ``event_id`` and ``patch`` lists of str); anything else goes to
+    ``(B,)``, ``event_id`` and ``patch`` lists of str; image ``(B, 2, H, W, 2)`` in the
+    ``raw`` layout); anything else goes to
     ``default_collate``, which gives the same structure.
     """
     if isinstance(samples, SampleList):
@@ -72,7 +77,10 @@ class QuakeSetDataset(Dataset[dict[str, Any]]):
         split: ``train``, ``val`` or ``test`` (file names ``train``/``validation``/``test``).
         positives_only: Drop the ``(before, pre)`` negatives.
         layout: ``stacked`` gives images ``(4, H, W)`` = [t0 VV, t0 VH, t1 VV, t1 VH];
-            ``temporal`` gives ``(2, 2, H, W)`` = time x polarisation.
+            ``temporal`` gives ``(2, 2, H, W)`` = time x polarisation; ``raw`` gives
+            ``(2, H, W, 2)`` = time x H x W x polarisation, as stored, read without a
+            transposition (the fastest; pass ``layout="raw"`` to
+            :class:`~quakeray.data.transforms.BatchTransform`, which returns ``(B, 4, H, W)``).
         events: Keep only these event ids of the split (a subsample, see
             :mod:`quakeray.data.subsample`); None keeps every event.
 
@@ -98,8 +106,8 @@ class QuakeSetDataset(Dataset[dict[str, Any]]):
     ) -> None:
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r} for {path}; use one of {', '.join(SPLITS)}")
-        if layout not in ("stacked", "temporal"):
-            raise DataError(f"unknown image layout {layout!r}; use 'stacked' or 'temporal'")
+        if layout not in ("stacked", "temporal", "raw"):
+            raise DataError(f"unknown image layout {layout!r}; use 'stacked', 'temporal' or 'raw'")
         self.path = Path(path).resolve()
         self.split: Split = split
         self.positives_only = positives_only
@@ -187,24 +195,37 @@ class QuakeSetDataset(Dataset[dict[str, Any]]):
 
     def _image_shape(self) -> tuple[int, ...]:
         h, w = self.image_size
-        return (4, h, w) if self.layout == "stacked" else (2, 2, h, w)
+        shapes = {"stacked": (4, h, w), "temporal": (2, 2, h, w), "raw": (2, h, w, 2)}
+        return shapes[self.layout]
+
+    def _read_shape(self) -> tuple[int, ...]:
+        """One sample as :meth:`_read_into` takes it: ``(2, H, W, 2)`` raw, else ``(4, H, W)``."""
+        h, w = self.image_size
+        return (2, h, w, 2) if self.layout == "raw" else (4, h, w)
 
     def _read_into(self, i: int, out: np.ndarray) -> None:
-        """Read sample ``i``'s two acquisitions into ``out`` viewed as ``(4, H, W)``."""
+        """Read sample ``i``'s two acquisitions into ``out``.
+
+        ``out`` is ``(2, H, W, 2)`` (the raw layout: each array lands in place, as stored)
+        or ``(4, H, W)`` (each array goes through a cache-hot buffer, then HWC -> CHW).
+        """
         h, w = self.image_size
+        raw = out.ndim == 4
         if self._buffer is None or self._buffer.shape != (h, w, 2):
             self._buffer = np.empty((h, w, 2), dtype=np.float32)
-        buf = self._buffer
+        buf = self._buffer  # (opening the handle below resets the attribute, not this array)
         for t, name in enumerate(self._sources[i]):
+            dest = out[t] if raw else buf
             try:
-                self._dataset(name).read_direct(buf)
+                self._dataset(name).read_direct(dest)
             except (OSError, KeyError, RuntimeError) as exc:
                 raise DataError(
                     f"{self.path}: cannot read {name} ({exc}); the file may be damaged, "
                     "check it with 'quakeray data inspect'"
                 ) from None
-            # HWC -> CHW from a cache-hot buffer: much cheaper than strided HDF5 selections.
-            np.copyto(out[2 * t : 2 * t + 2], buf.transpose(2, 0, 1))
+            if not raw:
+                # HWC -> CHW from a cache-hot buffer: much cheaper than strided HDF5 selections.
+                np.copyto(out[2 * t : 2 * t + 2], dest.transpose(2, 0, 1))
 
     def _check_index(self, i: int) -> int:
         n = len(self._sources)
@@ -228,7 +249,7 @@ class QuakeSetDataset(Dataset[dict[str, Any]]):
         """One sample: raw image, label, magnitude, event id and patch name."""
         j = self._check_index(i)
         image = torch.empty(self._image_shape(), dtype=torch.float32)
-        self._read_into(j, image.numpy().reshape(4, *self.image_size))
+        self._read_into(j, image.numpy().reshape(self._read_shape()))
         return self._sample(j, image)
 
     def __getitems__(self, indices: Sequence[int]) -> SampleList:
@@ -245,7 +266,7 @@ class QuakeSetDataset(Dataset[dict[str, Any]]):
             batch = _shared_batch(shape)
         else:
             batch = torch.from_numpy(self._pool.get(shape))
-        flat = batch.numpy().reshape(len(js), 4, *self.image_size)
+        flat = batch.numpy().reshape(len(js), *self._read_shape())
         for b, j in enumerate(js):
             self._read_into(j, flat[b])
         samples = SampleList(self._sample(j, batch[b]) for b, j in enumerate(js))
@@ -287,14 +308,23 @@ class BufferPool:
     def __init__(self, keep: int = 3) -> None:
         self._keep = keep
         self._arrays: list[np.ndarray] = []
+        self._lock = threading.Lock()
 
     def get(self, shape: tuple[int, ...]) -> np.ndarray:
         """A float32 array of ``shape`` that no tensor uses."""
-        for arr in self._arrays:
-            # References: the list, ``arr`` and getrefcount's argument. More = still in use.
-            # (No enumerate() here: it would hold one more reference to ``arr``.)
-            if arr.shape == shape and sys.getrefcount(arr) <= 3:
-                return arr
-        fresh = np.empty(shape, dtype=np.float32)
-        self._arrays = [*self._arrays[-(self._keep - 1) :], fresh] if self._keep > 1 else [fresh]
-        return fresh
+        with self._lock:  # two threads must never be handed the same free array
+            for arr in self._arrays:
+                # References: the list, ``arr`` and getrefcount's argument. More = in use.
+                # (No enumerate() here: it would hold one more reference to ``arr``.)
+                if arr.shape == shape and sys.getrefcount(arr) <= 3:
+                    return arr
+            fresh = np.empty(shape, dtype=np.float32)
+            keep = self._arrays[-(self._keep - 1) :] if self._keep > 1 else []
+            self._arrays = [*keep, fresh]
+            return fresh
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_keep": self._keep}  # a copy starts empty: buffers are process-local
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["_keep"])  # type: ignore[misc]

@@ -28,10 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from quakeray import storage
+from quakeray.data.quakeset import BufferPool
 from quakeray.errors import DataError
 
 if TYPE_CHECKING:
     from quakeray.config import DataConfig
+    from quakeray.data.quakeset import Layout
 
 __all__ = [
     "STATS_VERSION",
@@ -222,12 +224,15 @@ def compute_stats(
 class BatchTransform(nn.Module):
     """NaN fill -> dB -> normalise -> random flips (training only) -> resize.
 
-    Works on a whole batch ``(B, 4, H, W)`` (or ``(B, 2, 2, H, W)``) on any device, in a few
-    vectorised operations. Flips are drawn per sample and only applied in training mode
-    (``module.train()``); call ``.eval()`` for validation and inference. The output is
-    always finite: gaps (NaN, +-inf, negative linear values) are filled and the fill is
-    clamped at 0 before the logarithm, so even an entirely NaN patch gives a constant,
-    finite image.
+    Works on a whole batch ``(B, 4, H, W)`` (or ``(B, 2, 2, H, W)``, or the dataset's
+    ``raw`` ``(B, 2, H, W, 2)`` with ``layout="raw"``) on any device, in a few vectorised
+    operations: the first writes one new tensor (gaps filled, raw batches transposed on the
+    way; on the CPU its memory is recycled once the caller drops it), the rest run in place,
+    and on the CPU each drawn sample is flipped on its own. Flips are drawn per sample and
+    only applied in training mode (``module.train()``); call ``.eval()`` for validation and
+    inference. The output is always finite: gaps (NaN, +-inf, negative linear values) are
+    filled and the fill is clamped at 0 before the logarithm, so even an entirely NaN patch
+    gives a constant, finite image.
 
     Args:
         nan_fill: Value for NaN pixels.
@@ -269,23 +274,31 @@ class BatchTransform(nn.Module):
         self.register_buffer("mean", m, persistent=False)
         self.register_buffer("std", s, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Transform a batch; returns float32 of the same layout (resized if asked)."""
-        temporal = x.dim() == 5
-        if temporal:
-            b, t, c, h, w = x.shape
-            x = x.reshape(b, t * c, h, w)
-        if x.dim() != 4 or x.shape[1] != 4:
-            raise DataError(
-                f"BatchTransform expects (B, 4, H, W) or (B, 2, 2, H, W), got {tuple(x.shape)}"
-            )
+    def forward(self, x: torch.Tensor, layout: Layout | None = None) -> torch.Tensor:
+        """Transform a batch; returns float32 of the same layout (resized if asked).
+
+        Args:
+            x: The batch.
+            layout: The dataset layout it is in; None tells ``stacked`` (4-D) and
+                ``temporal`` (5-D) apart by shape. A ``raw`` batch comes back ``stacked``.
+        """
+        temporal = x.dim() == 5 and layout != "raw"
+        src = self._time_pol(x, layout)
+        b, h, w = src.shape[0], src.shape[-2], src.shape[-1]
         # One new tensor, then in place: the input is never modified, and a CPU batch of
-        # 16 x 4 x 512 x 512 is not copied five times over.
+        # 16 x 4 x 512 x 512 is not copied five times over. The same operations, in the same
+        # order, as a pass per step would do: the output is bit-identical to that.
+        out = self._new_output(src)
         fill = self.nan_fill
-        x = torch.nan_to_num(x.float(), nan=fill, posinf=fill, neginf=fill)  # gaps, see above
+        src = src if src.dtype == torch.float32 else src.float()
+        torch.nan_to_num(src, nan=fill, posinf=fill, neginf=fill, out=out)  # gaps, see above
+        x = out.view(b, 4, h, w)
         if self.to_db:
-            x.masked_fill_(x < 0, fill)
-            x.clamp_(min=0.0).add_(self.eps).log10_().mul_(10.0)
+            if fill <= 0:  # negatives -> fill, then clamp at 0: both are the clamp alone
+                x.clamp_(min=0.0)
+            else:  # (nothing is below 0 after this: no clamp needed)
+                x.masked_fill_(x < 0, fill)
+            x.add_(self.eps).log10_().mul_(10.0)
         if self.normalize:
             x.sub_(self.mean).div_(self.std)
         if self.training and self.flips:
@@ -304,9 +317,47 @@ class BatchTransform(nn.Module):
         return x
 
     @staticmethod
+    def _time_pol(x: torch.Tensor, layout: Layout | None) -> torch.Tensor:
+        """``x`` seen as ``(B, time, polarisation, H, W)``: a view, strided for ``raw``."""
+        shape = tuple(x.shape)
+        if layout == "raw":
+            if x.dim() != 5 or shape[1] != 2 or shape[4] != 2:
+                raise DataError(f"a raw batch is (B, 2, H, W, 2), got {shape}")
+            return x.permute(0, 1, 4, 2, 3)
+        if x.dim() == 4 and shape[1] == 4 and layout in (None, "stacked"):
+            return x.view(shape[0], 2, 2, *shape[2:])
+        if x.dim() == 5 and shape[1:3] == (2, 2) and layout in (None, "temporal"):
+            return x
+        raise DataError(
+            f"BatchTransform expects (B, 4, H, W), (B, 2, 2, H, W) or, with layout='raw', "
+            f"(B, 2, H, W, 2); got {shape}" + (f" for layout {layout!r}" if layout else "")
+        )
+
+    def _new_output(self, src: torch.Tensor) -> torch.Tensor:
+        """An uninitialised contiguous float32 tensor shaped like ``src``, on its device.
+
+        On the CPU its memory comes from a pool: a fresh 64 MB tensor per batch costs
+        thousands of page faults, more than a pass of the transform.
+        """
+        if src.device.type != "cpu":
+            return torch.empty(src.shape, dtype=torch.float32, device=src.device)
+        pool: BufferPool | None = self.__dict__.get("_pool")
+        if pool is None:
+            pool = self.__dict__["_pool"] = BufferPool()
+        return torch.from_numpy(pool.get(tuple(src.shape)))
+
+    @staticmethod
     def _flip(x: torch.Tensor) -> torch.Tensor:
-        """Per-sample random horizontal and vertical flips, without a Python loop."""
+        """Per-sample random horizontal and vertical flips."""
         coins = torch.rand(x.shape[0], 2, device=x.device) < 0.5
+        if x.device.type == "cpu":
+            # One sample at a time: a 4 MB temporary that stays in cache, not the big
+            # gathers and scatters of the batched form (several times slower on a CPU).
+            for i, (flip_w, flip_h) in enumerate(coins.tolist()):
+                dims = [d for d, drawn in ((-1, flip_w), (-2, flip_h)) if drawn]
+                if dims:
+                    x[i] = x[i].flip(dims)
+            return x
         # Only the drawn samples are gathered, flipped and written back.
         h = coins[:, 0].nonzero().squeeze(1)
         x[h] = x[h].flip(-1)

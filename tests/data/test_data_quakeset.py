@@ -115,6 +115,22 @@ def test_layouts_and_channel_order(tiny_h5: Path) -> None:
     np.testing.assert_array_equal(a[3].numpy(), pre[..., 1])  # t1 VH
 
 
+def test_raw_layout_is_the_stored_order(tiny_h5: Path) -> None:
+    stacked = QuakeSetDataset(tiny_h5, "train")
+    raw = QuakeSetDataset(tiny_h5, "train", layout="raw")
+    idx = list(range(len(raw)))
+    batch = collate(raw.__getitems__(idx))["image"]
+    assert batch.shape == (len(raw), 2, 32, 32, 2) and batch.is_contiguous()
+    expected = collate(stacked.__getitems__(idx))["image"]
+    as_stacked = batch.permute(0, 1, 4, 2, 3).reshape(expected.shape)
+    assert torch.isnan(expected).any()  # the NaN gaps come through untouched
+    torch.testing.assert_close(as_stacked, expected, rtol=0, atol=0, equal_nan=True)
+    with h5py.File(tiny_h5) as f:
+        group = f[raw.event_ids[0]][raw.patches[0]]
+        np.testing.assert_array_equal(raw[0]["image"][1].numpy(), group["post"][:])
+    assert "layout='raw'" in repr(raw)
+
+
 def test_nan_kept_raw(tiny_h5: Path) -> None:
     ds = QuakeSetDataset(tiny_h5, "train")
     assert any(torch.isnan(ds[i]["image"]).any() for i in range(len(ds)))
@@ -162,7 +178,7 @@ def test_handle_reopened_after_fork(tiny_h5: Path) -> None:
 
 
 def test_getitems_batch_equals_default_collate(tiny_h5: Path) -> None:
-    for layout in ("stacked", "temporal"):
+    for layout in ("stacked", "temporal", "raw"):
         ds = QuakeSetDataset(tiny_h5, "train", layout=layout)  # type: ignore[arg-type]
         idx = [3, 0, 7, 7, len(ds) - 1]
         fast = collate(ds.__getitems__(idx))

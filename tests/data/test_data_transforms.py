@@ -162,3 +162,85 @@ def test_outputs_kept_by_the_caller_are_never_overwritten() -> None:
         last = t(torch.rand(4, 4, 8, 8))
     assert torch.equal(first, snapshot)
     assert not torch.equal(last, first)
+
+
+def _reference(t: BatchTransform, x: torch.Tensor) -> torch.Tensor:
+    """The transform as it was written before it was made fast: a pass per step."""
+    temporal = x.dim() == 5
+    if temporal:
+        x = x.reshape(x.shape[0], 4, *x.shape[-2:])
+    fill = t.nan_fill
+    x = torch.nan_to_num(x.float(), nan=fill, posinf=fill, neginf=fill)
+    if t.to_db:
+        x.masked_fill_(x < 0, fill)
+        x.clamp_(min=0.0).add_(t.eps).log10_().mul_(10.0)
+    if t.normalize:
+        x.sub_(t.mean).div_(t.std)
+    if t.training and t.flips:
+        coins = torch.rand(x.shape[0], 2, device=x.device) < 0.5
+        h = coins[:, 0].nonzero().squeeze(1)
+        x[h] = x[h].flip(-1)
+        v = coins[:, 1].nonzero().squeeze(1)
+        x[v] = x[v].flip(-2)
+    return x.reshape(x.shape[0], 2, 2, *x.shape[-2:]) if temporal else x
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"mean": [-15.0, -20.0], "std": [5.0, 4.0], "flips": True},
+        {"nan_fill": 1.0, "mean": [1.0, 2.0], "std": [2.0, 4.0], "flips": True},
+        {"nan_fill": -3.0},
+        {"to_db": False, "nan_fill": 2.0, "mean": [0.1, 0.02], "std": [0.1, 0.05]},
+    ],
+)
+def test_fast_paths_are_bit_identical_to_the_reference(
+    tiny_h5: Path, settings: dict[str, object]
+) -> None:
+    stacked = QuakeSetDataset(tiny_h5, "train")
+    raw = QuakeSetDataset(tiny_h5, "train", layout="raw")
+    temporal = QuakeSetDataset(tiny_h5, "train", layout="temporal")
+    idx = list(range(len(stacked)))
+    x = collate(stacked.__getitems__(idx))["image"].clone()
+    xr = collate(raw.__getitems__(idx))["image"].clone()
+    xt = collate(temporal.__getitems__(idx))["image"].clone()
+    # Gaps of every kind, in both layouts alike: +-inf, negative and -0.0 linear values.
+    for value, (b, t, y, w, c) in zip(
+        (float("inf"), -float("inf"), -1.0, -0.0),
+        ((0, 0, 1, 2, 0), (1, 1, 3, 4, 1), (2, 0, 5, 6, 1), (3, 1, 7, 8, 0)),
+        strict=True,
+    ):
+        xr[b, t, y, w, c] = value
+        x[b, 2 * t + c, y, w] = value
+        xt[b, t, c, y, w] = value
+    assert torch.isnan(x).any()
+    transform = BatchTransform(**settings)  # type: ignore[arg-type]
+    for mode in ("eval", "train"):
+        getattr(transform, mode)()
+        torch.manual_seed(7)
+        expected = _reference(transform, x)
+        outputs = {}
+        for name, batch, layout in (
+            ("stacked", x, None),
+            ("raw", xr, "raw"),
+            ("temporal", xt, None),
+            ("stacked, named", x, "stacked"),
+        ):
+            torch.manual_seed(7)
+            outputs[name] = transform(batch, layout=layout)
+        torch.manual_seed(7)
+        temporal_ref = _reference(transform, xt)
+        assert torch.equal(outputs["temporal"], temporal_ref)
+        assert outputs["temporal"].shape == (len(idx), 2, 2, 32, 32)
+        for name in ("stacked", "raw", "stacked, named"):
+            assert outputs[name].shape == expected.shape, name
+            assert torch.equal(outputs[name], expected), name  # bit for bit
+        assert torch.isfinite(expected).all()
+
+
+def test_raw_layout_shape_is_checked() -> None:
+    t = BatchTransform().eval()
+    with pytest.raises(DataError, match="raw batch"):
+        t(torch.zeros(2, 4, 8, 8), layout="raw")
+    with pytest.raises(DataError, match="expects"):
+        t(torch.zeros(2, 2, 8, 8, 2), layout="temporal")
