@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from quakeray import storage
 from quakeray.config import ExperimentConfig, from_dict, to_dict
 from quakeray.errors import CheckpointError, ConfigError
 from quakeray.metrics import SCORE_METRIC, ConstantBaseline
@@ -45,6 +46,7 @@ __all__ = [
     "STATE_FILE",
     "Predictions",
     "best_checkpoint",
+    "best_checkpoint_at",
     "build_state",
     "check_compatible",
     "checkpoint_baseline",
@@ -226,6 +228,8 @@ def load_checkpoint(path: str | Path, *, map_location: str = "cpu") -> dict[str,
     """
     import torch
 
+    if storage.is_remote(str(path)):
+        return _load_remote(str(path), map_location=map_location)
     file = resolve_state_file(path)
     try:
         state = torch.load(file, map_location=map_location, weights_only=True)
@@ -240,6 +244,24 @@ def load_checkpoint(path: str | Path, *, map_location: str = "cpu") -> dict[str,
             "pass a checkpoint folder written by quakeray train"
         )
     return state
+
+
+def _load_remote(uri: str, *, map_location: str) -> dict[str, Any]:
+    """:func:`load_checkpoint` of a checkpoint in a bucket (or any URI): one download."""
+    import tempfile
+
+    if storage.on_local_disk(uri):
+        return load_checkpoint(storage.local_path(uri), map_location=map_location)
+    file = uri if storage.name(uri) == STATE_FILE else storage.join(uri, STATE_FILE)
+    if not storage.is_file(file):
+        raise CheckpointError(
+            f"checkpoint not found: {file}; pass a checkpoint folder (…/checkpoint_epoch_NNNN) "
+            "that holds a checkpoint.pt"
+        )
+    with tempfile.TemporaryDirectory(prefix="quakeray-ckpt-") as tmp:
+        return load_checkpoint(
+            storage.download_file(file, Path(tmp) / STATE_FILE), map_location=map_location
+        )
 
 
 def resolve_state_file(path: str | Path) -> Path:
@@ -306,17 +328,24 @@ def check_compatible(
 
 def read_metrics(directory: str | Path) -> dict[str, float | None]:
     """The ``metrics.json`` of a checkpoint folder ({} if absent; NaN stored as None)."""
-    file = Path(directory) / METRICS_FILE
-    if not file.is_file():
-        return {}
-    loaded: dict[str, float | None] = json.loads(file.read_text())
+    text = _read_optional(directory, METRICS_FILE)
+    loaded: dict[str, float | None] = json.loads(text) if text is not None else {}
     return loaded
 
 
 def read_history(directory: str | Path) -> list[dict[str, float | None]]:
     """The ``history.json`` of a checkpoint folder, oldest epoch first ([] if absent)."""
-    file = Path(directory) / HISTORY_FILE
-    return parse_history(file.read_text()) if file.is_file() else []
+    text = _read_optional(directory, HISTORY_FILE)
+    return parse_history(text) if text is not None else []
+
+
+def _read_optional(directory: str | Path, name: str) -> str | None:
+    """A small file of a checkpoint folder, local or in a bucket; None when absent."""
+    if storage.is_remote(str(directory)):
+        file = storage.join(str(directory), name)
+        return storage.read_text(file) if storage.is_file(file) else None
+    local = Path(directory) / name
+    return local.read_text() if local.is_file() else None
 
 
 def parse_history(text: str) -> list[dict[str, float | None]]:
@@ -350,6 +379,29 @@ def best_checkpoint(
         if value is not None and math.isfinite(value):
             scored.append((value if mode == "min" else -value, folder.name, folder))
     return min(scored)[2] if scored else None
+
+
+def best_checkpoint_at(location: str, metric: str | None = None) -> str | None:
+    """:func:`best_checkpoint` of a run folder that may be a URI (``s3://...``); as a string."""
+    if not storage.is_remote(location) or storage.on_local_disk(location):
+        found = best_checkpoint(storage.local_path(location), metric)
+        return None if found is None else str(found)
+    folders = [
+        storage.join(location, n)
+        for n in storage.list_dir(location)
+        if storage.is_file(storage.join(location, n, STATE_FILE))
+    ]
+    if not folders:
+        return None
+    if metric is None:
+        run = (load_checkpoint(folders[-1]).get("config") or {}).get("run") or {}
+        metric = str(run.get("checkpoint_metric", SCORE_METRIC))
+    scored = []
+    for folder in folders:
+        value = read_metrics(folder).get(metric)
+        if value is not None and math.isfinite(value):
+            scored.append((value, folder))
+    return min(scored)[1] if scored else None
 
 
 def ranking_metric(folder: str | Path) -> str:

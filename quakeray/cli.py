@@ -3,6 +3,8 @@
 Heavy modules (torch, ray, mlflow) are imported inside each subcommand, so ``--help``
 and argument errors answer at once. Errors of the :class:`~quakeray.errors.QuakerayError`
 family print one line and exit with code 2; ``--debug`` re-raises them with the traceback.
+Ray's own lines reach the console only with ``--verbose`` (or ``--debug``); by default
+they go to Ray's log files (:mod:`quakeray.runtime`).
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from quakeray.runtime import set_verbose
+
+    set_verbose(args.verbose or args.debug)
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()
@@ -123,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"quakeray {__version__}")
     parser.add_argument(
         "--debug", action="store_true", help="show tracebacks and debug logs on errors"
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray's own log lines too (always in /tmp/ray/session_latest/logs)",
     )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 

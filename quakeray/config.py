@@ -215,6 +215,7 @@ class SearchConfig:
     top_k: int = 5  # trials listed in the final table
     evaluate_best: bool = True  # evaluate the best trial on the test split
     test_trials: bool = False  # evaluate every trial's best checkpoint on test (paper tables)
+    log_trial_models: bool = False  # each trial logs its model (the best is registered anyway)
     # At the end, train the MSE-only point, the paper's point and the best configuration
     # again on confirm_seeds fresh seeds (optim.seed + 1, + 2, ...), evaluate them on test,
     # and say whether the ranking term's gain is beyond seed noise.

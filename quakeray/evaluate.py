@@ -13,13 +13,21 @@ The model and transform are rebuilt from the checkpoint alone
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from quakeray.checkpoint import STATE_FILE, Predictions, best_checkpoint, checkpoint_baseline
+from quakeray import storage
+from quakeray.checkpoint import (
+    STATE_FILE,
+    Predictions,
+    best_checkpoint,
+    best_checkpoint_at,
+    checkpoint_baseline,
+)
 from quakeray.errors import CheckpointError, DataError, TrackingError
 from quakeray.tracking import tags
 
@@ -82,6 +90,7 @@ def evaluate_checkpoint(
         DataError: Unknown split, missing data file.
     """
     from torch.utils.data import DataLoader
+    from tqdm import tqdm
 
     from quakeray.data.quakeset import QuakeSetDataset, collate
     from quakeray.inference import load_model, predict_batches
@@ -102,7 +111,11 @@ def evaluate_checkpoint(
         positives_only=loaded.config.data.positives_only,
     )
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    out = predict_batches(loaded.model, loaded.transform, loader, torch.device("cpu"))
+    # A bar for a person at a terminal (a search's best, quakeray evaluate); none in logs.
+    batches = tqdm(
+        loader, desc=f"{split} split", unit="batch", leave=False, disable=not sys.stderr.isatty()
+    )
+    out = predict_batches(loaded.model, loaded.transform, batches, torch.device("cpu"))
     pred = np.asarray(out["prediction"], dtype=np.float64)
     target = np.asarray(out["magnitude"], dtype=np.float64)
     labels = np.asarray(out["label"], dtype=np.int64)
@@ -120,7 +133,7 @@ def evaluate_checkpoint(
     )
     return EvalResult(
         split=split,
-        checkpoint=str(Path(checkpoint_path).resolve()),
+        checkpoint=storage.resolve(str(checkpoint_path)),
         data_path=str(Path(path).resolve()),
         metrics=metrics,
         bins=[dict(b) for b in bins],
@@ -172,6 +185,15 @@ def resolve_target(target: str, tracking_uri: str | None) -> str:
     """
     from quakeray.tracking import resolve_tracking_uri
 
+    if storage.is_remote(target):  # a checkpoint or run folder in a bucket (or file://)
+        if storage.is_file(storage.join(target, STATE_FILE)):
+            return target
+        found = best_checkpoint_at(target)
+        if found is None:
+            raise CheckpointError(
+                f"{target} holds no checkpoint; pass a checkpoint folder or an MLflow run id"
+            )
+        return found
     path = Path(target).expanduser()
     if path.is_dir() and not (path / STATE_FILE).is_file():
         best = best_checkpoint(path)
@@ -214,10 +236,10 @@ def _checkpoint_of_run(run_id: str, uri: str) -> str:
             f"MLflow run {run_id} has no {tags.BEST_CHECKPOINT} tag (unfinished run?); "
             "pass a checkpoint folder instead"
         )
-    if not Path(path).exists():
+    if not storage.exists(path):
         raise CheckpointError(
-            f"checkpoint {path} of MLflow run {run_id} is not on this machine; "
-            "copy it here and pass the folder"
+            f"checkpoint {path} of MLflow run {run_id} cannot be found (deleted, or on another "
+            "machine's disk); pass a checkpoint folder you can reach"
         )
     return path
 
@@ -225,6 +247,7 @@ def _checkpoint_of_run(run_id: str, uri: str) -> str:
 def _log_result(uri: str, result: EvalResult) -> bool:
     """Log metrics, predictions and figures of an evaluation into its run."""
     from quakeray.tracking import RunLogger, check_tracking
+    from quakeray.tracking.datasets import log_dataset
     from quakeray.tracking.outputs import log_prediction_outputs
 
     assert result.run_id is not None
@@ -235,6 +258,8 @@ def _log_result(uri: str, result: EvalResult) -> bool:
         return False
     logger = RunLogger(uri, result.run_id)
     logger.log_metrics(result.metrics, step=0)
+    context = {"val": "validation"}.get(result.split, result.split)
+    log_dataset(uri, result.run_id, result.data_path, [context])
     prefix = f"evaluation/{result.split}/"
     log_prediction_outputs(
         logger,

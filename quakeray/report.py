@@ -58,6 +58,7 @@ __all__ = [
 
 Format = Literal["text", "markdown", "csv"]
 
+PARENT_TAG = "mlflow.parentRunId"
 _IGNORED_PREFIXES = ("tracking.", "run.", "search.", "trial.", "tune.", "optuna.", "scaling.")
 _SELECT_METRICS = ("best_val_MAE", "val_MAE")
 _REPORT_METRICS = ("test_MAE", "best_val_MAE", "val_MAE")
@@ -167,7 +168,15 @@ def build_report(experiment: str, *, tracking_uri: str | None = None) -> Report:
     runs = client.search_runs(
         [exp.experiment_id], filter_string="attributes.status = 'FINISHED'", max_results=50_000
     )
-    results = [r for r in (run_result(run) for run in runs) if r is not None]
+    parents = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{tags.ROLE}` = 'search'", max_results=50_000
+    )
+    shared = {p.info.run_id: p.data.params for p in parents}
+    results = [
+        r
+        for r in (run_result(run, shared.get(run.data.tags.get(PARENT_TAG, ""))) for run in runs)
+        if r is not None
+    ]
     if not results:
         raise SearchError(
             f"experiment {experiment!r} in {uri} holds no finished run with model.backbone, "
@@ -196,9 +205,17 @@ def _confirmations(uri: str, runs: Sequence[Any]) -> dict[str, Confirmation]:
     return found
 
 
-def run_result(run: Any) -> RunResult | None:
-    """A finished MLflow run as a :class:`RunResult`, or None if it does not belong."""
-    run_tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+def run_result(run: Any, inherited: Mapping[str, str] | None = None) -> RunResult | None:
+    """A finished MLflow run as a :class:`RunResult`, or None if it does not belong.
+
+    Args:
+        run: The MLflow run.
+        inherited: Its search's (parent run's) params: a trial logs only the settings it
+            does not share with every other trial, the parent holds those.
+    """
+    run_tags, metrics = run.data.tags, run.data.metrics
+    params = {k: v for k, v in (inherited or {}).items() if not k.startswith(_IGNORED_PREFIXES)}
+    params |= run.data.params
     if run_tags.get(tags.ROLE) in ("search", "confirm") or run_tags.get(tags.STATUS) in (
         "stopped",
         "failed",

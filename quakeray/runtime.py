@@ -6,22 +6,59 @@ Two things here save hours (see ``docs/architecture.md``, field notes): a local 
 API to clean up placement groups of stopped trials). And a request the cluster cannot
 hold is refused here with a :class:`ClusterError`, because Ray would wait for the
 resources forever (no autoscaler) instead of failing.
+
+What Ray says reaches the console only with ``--verbose`` (:func:`set_verbose`): by
+default its processes' output is not forwarded to the driver (``log_to_driver``) and the
+driver's ``ray`` logger shows errors only; both stay in the session's log files
+(``<session>/logs``: ``worker-*.out|err`` for Ray's processes, :data:`DRIVER_LOG` for
+the driver's Ray lines).
 """
 
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import math
 import os
+import sys
 
 from quakeray.config import ExperimentConfig
 from quakeray.errors import ClusterError
 
-__all__ = ["check_resources", "init_ray", "local_num_cpus", "ray_address"]
+__all__ = [
+    "DRIVER_LOG",
+    "check_resources",
+    "init_ray",
+    "is_verbose",
+    "local_num_cpus",
+    "ray_address",
+    "set_verbose",
+]
 
 log = logging.getLogger(__name__)
 
 _EPS = 1e-9
+
+DRIVER_LOG = "quakeray-driver-{pid}.log"
+"""The driver's Ray log lines that the console does not show, in ``<session>/logs``."""
+
+_RAY_LOG_FORMAT = "%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s"
+
+_verbose = False
+
+
+def set_verbose(verbose: bool) -> None:
+    """Show Ray's own lines on the console (``--verbose``, ``--debug``), or only its errors.
+
+    Read when Ray is started (:func:`init_ray`): a Ray already running keeps its settings.
+    """
+    global _verbose
+    _verbose = verbose
+
+
+def is_verbose() -> bool:
+    """Whether Ray's own lines reach the console (:func:`set_verbose`)."""
+    return _verbose
 
 
 def ray_address(cfg: ExperimentConfig) -> str:
@@ -29,13 +66,18 @@ def ray_address(cfg: ExperimentConfig) -> str:
     return cfg.run.ray_address or os.environ.get("RAY_ADDRESS", "")
 
 
-def init_ray(cfg: ExperimentConfig, *, extra_cpus: float = 0.0) -> None:
+def init_ray(
+    cfg: ExperimentConfig, *, extra_cpus: float = 0.0, worker_output: bool = False
+) -> None:
     """Connect to the configured Ray cluster or start a local one; no-op if connected.
 
     Args:
         cfg: The experiment config (``run.ray_address``, ``run.num_cpus``, ``scaling``).
         extra_cpus: CPUs needed beside the training workers (e.g. a Tune trial driver),
             used to size a local Ray when ``run.num_cpus`` is 0.
+        worker_output: Forward the output of Ray's processes to this console even
+            without ``--verbose`` (``quakeray train``: its epoch lines and bars come from
+            rank 0). Always in their log files.
 
     Raises:
         ClusterError: The address cannot be reached.
@@ -46,18 +88,23 @@ def init_ray(cfg: ExperimentConfig, *, extra_cpus: float = 0.0) -> None:
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     address = ray_address(cfg)
+    forward = _verbose or worker_output
+    held = None if _verbose else _hold_ray_lines()
+    session_dir = ""
     try:
         if address:
             # Joining a running cluster: resources belong to the cluster, so no num_cpus
             # (passing it raises), and the dashboard is the head node's business.
-            ray.init(address=address)
+            context = ray.init(address=address, log_to_driver=forward)
         else:
-            ray.init(
+            context = ray.init(
                 address="local",
                 num_cpus=local_num_cpus(cfg, extra_cpus=extra_cpus),
                 include_dashboard=True,
                 dashboard_host="127.0.0.1",
+                log_to_driver=forward,
             )
+        session_dir = str(getattr(context, "address_info", {}).get("session_dir") or "")
     except Exception as exc:  # Ray raises a plain Exception when a local start times out
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         if address:
@@ -69,6 +116,45 @@ def init_ray(cfg: ExperimentConfig, *, extra_cpus: float = 0.0) -> None:
             f"the local Ray did not start: {first}; the machine may be overloaded: retry "
             "when it is quieter, or stop stale Ray processes with 'ray stop'"
         ) from None
+    finally:
+        if held is not None:
+            _keep_ray_lines(held, session_dir)
+
+
+def _hold_ray_lines() -> logging.handlers.MemoryHandler:
+    """The driver's ``ray`` logger: errors only on the console; the rest held for its file.
+
+    Lines logged while Ray starts (token authentication, "Started a local Ray instance")
+    come before the session folder exists, so they are held until it does.
+    """
+    ray_logger = logging.getLogger("ray")
+    for handler in ray_logger.handlers:
+        handler.setLevel(logging.ERROR)
+    held = logging.handlers.MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1)
+    ray_logger.addHandler(held)
+    return held
+
+
+def _keep_ray_lines(held: logging.handlers.MemoryHandler, session_dir: str) -> None:
+    """From now on the driver's Ray lines go to :data:`DRIVER_LOG`, the held ones first.
+
+    Without a session folder here (Ray did not start, or a Ray Client connection), they
+    go back to the console: nothing is lost.
+    """
+    ray_logger = logging.getLogger("ray")
+    ray_logger.removeHandler(held)
+    logs = os.path.join(session_dir, "logs") if session_dir else ""
+    target: logging.Handler
+    if logs and os.path.isdir(logs):
+        target = logging.FileHandler(os.path.join(logs, DRIVER_LOG.format(pid=os.getpid())))
+        ray_logger.addHandler(target)
+    else:
+        for handler in ray_logger.handlers:
+            handler.setLevel(logging.NOTSET)
+        target = logging.StreamHandler(sys.stderr)
+    target.setFormatter(logging.Formatter(_RAY_LOG_FORMAT))
+    held.setTarget(target)
+    held.close()  # hands the held lines on
 
 
 def local_num_cpus(cfg: ExperimentConfig, *, extra_cpus: float = 0.0, concurrent: int = 1) -> int:

@@ -194,6 +194,15 @@ def remove_empty_dir(path: str) -> bool:
     return True
 
 
+def list_dir(path: str) -> list[str]:
+    """Names of the folders directly in ``path``, sorted ([] when it does not exist)."""
+    from pyarrow.fs import FileSelector, FileType
+
+    fs, inner = filesystem(path)
+    infos = fs.get_file_info(FileSelector(inner, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == FileType.Directory)
+
+
 def read_text(path: str) -> str:
     """The file's text (UTF-8)."""
     fs, inner = filesystem(path)
@@ -236,6 +245,7 @@ __all__ = [
     "is_file",
     "is_remote",
     "join",
+    "list_dir",
     "local_copy",
     "local_path",
     "makedirs",

@@ -166,8 +166,8 @@ class S3Server:
     bucket: str
 
     def uri(self, key: str) -> str:
-        """``s3://bucket/key`` with the query that points pyarrow (and Ray) at this server."""
-        return f"s3://{self.bucket}/{key}?endpoint_override={self.endpoint}&scheme=http"
+        """``s3://bucket/key``: pyarrow (and so Ray) find the server by ``AWS_ENDPOINT_URL``."""
+        return f"s3://{self.bucket}/{key}"
 
     def upload(self, local: Path, key: str) -> str:
         """Copy a local file into the bucket; returns its URI."""
@@ -182,7 +182,12 @@ class S3Server:
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """``moto_server`` on a free loopback port, with fake credentials in the environment."""
+    """``moto_server`` on a free loopback port; the environment points S3 clients at it.
+
+    ``AWS_ENDPOINT_URL`` and fake credentials are set for the rest of the session, so a Ray
+    started after this fixture (its workers inherit the environment) reaches it too: a test
+    module that needs both asks for ``s3_server`` before ``ray_local``.
+    """
     import requests
     from pyarrow.fs import FileSystem
 
@@ -194,6 +199,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     }.items():
         os.environ.setdefault(key, value)
     port = free_port()
+    os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
     server_bin = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
     log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
     proc = subprocess.Popen(
@@ -213,10 +219,11 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
             raise RuntimeError("moto_server did not start")
         time.sleep(0.2)
     server = S3Server(f"127.0.0.1:{port}", "quakeray-test")
-    fs, _ = FileSystem.from_uri(server.uri("x") + "&allow_bucket_creation=true")
+    fs, _ = FileSystem.from_uri(server.uri("x") + "?allow_bucket_creation=true")
     fs.create_dir(server.bucket)
     try:
         yield server
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+        os.environ.pop("AWS_ENDPOINT_URL", None)

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import free_port
+
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 

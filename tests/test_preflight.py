@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port
 
 from quakeray import preflight
 from quakeray.config import ExperimentConfig, load_config
 from quakeray.errors import ClusterError, DataError
+from tests.conftest import free_port
 
 
 class _Nodes:

@@ -28,12 +28,13 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from quakeray import storage, tracking
-from quakeray.config import ExperimentConfig, replace, to_dict
+from quakeray.config import ExperimentConfig, flatten, replace, to_dict
 from quakeray.data.prepare import PreparedData, prepare_data
 from quakeray.errors import SearchError
 from quakeray.locks import claimed
 from quakeray.preflight import check_model
 from quakeray.search.confirm import confirm, log_confirmation
+from quakeray.search.description import NOTE_TAG, describe_search, mark_best
 from quakeray.search.results import (
     SearchSummary,
     best_row,
@@ -58,6 +59,7 @@ from quakeray.search.space import (
     reference_points,
     space_value,
     trial_config,
+    varying_fields,
 )
 from quakeray.search.state import (
     TRAIN_SUBDIR,
@@ -150,6 +152,7 @@ def _search(
         if cfg.search.confirm and summary.best is not None:
             summary.confirmation = confirm(search, summary.best)
             log_confirmation(search, summary.confirmation)
+        tracking.RunLogger(uri, search.parent).set_tags({NOTE_TAG: describe_search(summary)})
     except BaseException as exc:
         tracking.end_run(
             uri, search.parent, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
@@ -226,7 +229,10 @@ def _start(cfg: ExperimentConfig, uri: str, data: PreparedData) -> tuple[Search,
         study_name=study,
     )
     write_state(folder, state)
-    tracking.log_config(uri, parent, cfg)
+    # The settings every trial shares, once; the searched ones are each trial's own.
+    varying = varying_fields(cfg)
+    shared = {k: v for k, v in flatten(cfg).items() if k not in varying}
+    tracking.log_config(uri, parent, cfg, params=shared)
     tracking.RunLogger(uri, parent).log_params(
         {
             "tune.sampler": describe_sampler(cfg),
@@ -328,7 +334,8 @@ def _log_size_study(search: Search, runs: Sequence[Run]) -> None:
     from quakeray.plots import size_figure
     from quakeray.report import format_size_rows, run_result, size_rows
 
-    results = [r for r in map(run_result, runs) if r is not None]
+    shared = tracking.mlflow_client(search.uri).get_run(search.parent).data.params
+    results = [r for r in (run_result(run, shared) for run in runs) if r is not None]
     rows = size_rows(results)
     if not rows:
         return
@@ -350,16 +357,14 @@ def _log_size_study(search: Search, runs: Sequence[Run]) -> None:
 
 def _log_best(search: Search, summary: SearchSummary) -> None:
     """The best trial's value, tags, config and checkpoint on the parent; its test score."""
-    from quakeray.checkpoint import best_checkpoint
+    from quakeray.checkpoint import best_checkpoint_at
 
     best, metric = summary.best, summary.metric
     assert best is not None
     run_dir = train_run_dir(search.folder, best.trial_id)
     best_cfg = trial_config(search.cfg, best.params)
-    # Scanning for checkpoints is local-only; on a URI the trial's tag is the answer.
     ranked_by = best_cfg.run.checkpoint_metric
-    local_best = None if storage.is_remote(run_dir) else best_checkpoint(run_dir, ranked_by)
-    checkpoint = best.checkpoint or str(local_best or "")
+    checkpoint = best.checkpoint or best_checkpoint_at(run_dir, ranked_by) or ""
     summary.best_checkpoint = checkpoint or None
     logger = tracking.RunLogger(search.uri, search.parent)
     logger.log_metrics({f"best_{metric}": float(best.value or math.nan)}, step=0)
@@ -371,13 +376,20 @@ def _log_best(search: Search, summary: SearchSummary) -> None:
         }
         | {f"best.{k}": v for k, v in best.params.items()}
     )
+    # The best values as metrics too: a runs table sorts and compares those.
+    numbers = {k: v for k, v in best.params.items() if isinstance(v, (int, float))}
+    logger.log_metrics({f"best.{k}": float(v) for k, v in numbers.items()}, step=0)
+    if best.run_id:
+        mark_best(search.uri, search.experiment_id, search.parent, best.run_id)
     logger.log_text(yaml.safe_dump(to_dict(best_cfg), sort_keys=False), "best_config.yaml")
     if search.cfg.search.evaluate_best and checkpoint:
         from quakeray.evaluate import evaluate_checkpoint
+        from quakeray.tracking.datasets import log_dataset
 
         evaluated = evaluate_checkpoint(checkpoint, split="test", data_path=search.data.path)
         summary.test_metrics = dict(evaluated.metrics)
         logger.log_metrics(summary.test_metrics, step=0)
+        log_dataset(search.uri, search.parent, search.data.path, ["test"])
     if search.cfg.tracking.register_best and checkpoint and best.run_id:
         from mlflow.exceptions import MlflowException
 

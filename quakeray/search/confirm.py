@@ -160,8 +160,5 @@ def log_confirmation(search: Search, confirmation: Confirmation) -> None:
         step=0,
     )
     verdicts = confirmation.verdicts()
-    # The run's description (MLflow's note) is what its page shows first.
-    note = "\n\n".join(["**Seed check**", *verdicts, f"```\n{confirmation.format()}\n```"])
-    logger.set_tags(
-        {"mlflow.note.content": note} | ({tags.VERDICT: verdicts[-1]} if verdicts else {})
-    )
+    if verdicts:  # (the parent's description shows them all: search.description)
+        logger.set_tags({tags.VERDICT: verdicts[-1]})

@@ -136,7 +136,7 @@ class SearchSummary:
 
     def format(self, top_k: int = 5) -> str:
         """The end-of-search summary: top-k table, best trial, where everything is."""
-        from quakeray.tracking import mlflow_ui_command
+        from quakeray.tracking import mlflow_ui_command, runs_view_link
 
         counts = ", ".join(f"{n} {s}" for s, n in sorted(self.counts().items()))
         lines = [
@@ -168,6 +168,7 @@ class SearchSummary:
         lines.append(f"search folder    {self.search_dir}")
         lines.append(f"MLflow           parent run {self.parent_run_id} in {self.tracking_uri}")
         lines.append(f"browse with      {mlflow_ui_command(self.tracking_uri)}")
+        lines.append(f"runs view        {runs_view_link(self.tracking_uri, self.experiment_id)}")
         return "\n".join(lines)
 
 

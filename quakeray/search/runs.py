@@ -33,7 +33,7 @@ from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from quakeray import storage, tracking
-from quakeray.config import ExperimentConfig
+from quakeray.config import ExperimentConfig, replace
 from quakeray.search.finalizer import pending_runs
 from quakeray.search.space import trial_config
 from quakeray.tracking import outputs, tags
@@ -87,7 +87,12 @@ def finish_trial_run(
     """Finalise a still-RUNNING trial run from its best ``checkpoint``, then close it."""
     if checkpoint is not None and tracking.run_status(uri, run_id) == "RUNNING":
         try:
-            outputs.finalize_run(uri, run_id, trial_config(base, config), checkpoint)
+            cfg = trial_config(base, config)
+            # A trial logs no model unless asked: the search registers the best one.
+            cfg = replace(
+                cfg, tracking=replace(cfg.tracking, log_model=base.search.log_trial_models)
+            )
+            outputs.finalize_run(uri, run_id, cfg, checkpoint)
         except Exception as exc:  # the run keeps its metrics; say what is missing
             log.warning("trial %s: could not log its best checkpoint", trial_id)
             tracking.RunLogger(uri, run_id).set_tags(

@@ -12,6 +12,8 @@ exactly the MSE-only point (``rank_weight = 0``) against the default
 ``loguniform(1e-2, 10)``. Reference results that do lie inside the space are told to
 Optuna afterwards, so TPE still learns from them. Each wrapper follows Ray's own
 (``ray/tune/search/repeater.py``): a class around ``searcher``, state saved with Tune's.
+The TPE searcher is :class:`~quakeray.search.study.StudySearch` (pruned trials, values by
+epoch, each trial's MLflow run id as a user attribute: :func:`set_trial_user_attrs`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ __all__ = [
     "ReferenceFirst",
     "SearcherWrapper",
     "build_searcher",
+    "set_trial_user_attrs",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,10 +69,11 @@ def build_searcher(cfg: ExperimentConfig, *, study_name: str, fresh: bool = True
         inner = GridSearcher(s.space, metric=s.metric, mode=s.mode)
     else:
         import optuna
-        from ray.tune.search.optuna import OptunaSearch
+
+        from quakeray.search.study import StudySearch
 
         storage = _optuna_storage(s.optuna_storage, study_name, fresh=fresh)
-        inner = OptunaSearch(
+        inner = StudySearch(
             space=optuna_space(s.space),
             metric=s.metric,
             mode=s.mode,
@@ -80,6 +84,22 @@ def build_searcher(cfg: ExperimentConfig, *, study_name: str, fresh: bool = True
     base = {name: space_value(cfg, name) for name in s.space}
     ref = ReferenceFirst(inner, reference_points(cfg), base_values=base)
     return ConcurrencyLimiter(ref, max_concurrent=s.max_concurrent)
+
+
+def set_trial_user_attrs(searcher: Searcher, trial_id: str, attrs: Mapping[str, Any]) -> None:
+    """Give the trial's Optuna trial these user attributes, wherever it is in the chain.
+
+    Walks the ``searcher`` attributes (Ray's wrappers and quakeray's) to the first
+    searcher that keeps them (``set_trial_user_attrs``); a chain without one (the grid)
+    ignores them.
+    """
+    inner: Searcher | None = searcher
+    while inner is not None:
+        keep = getattr(inner, "set_trial_user_attrs", None)
+        if callable(keep):
+            keep(trial_id, attrs)
+            return
+        inner = getattr(inner, "searcher", None)
 
 
 class SearcherWrapper(Searcher):  # type: ignore[misc]
@@ -152,6 +172,8 @@ class ReferenceFirst(SearcherWrapper):
         self._next = 0
         self._reference_trials: dict[str, str] = {}
         self._base_values = dict(base_values)
+        self._reference_steps: dict[str, dict[int, float]] = {}  # trial id -> epoch -> value
+        self._reference_attrs: dict[str, dict[str, Any]] = {}  # trial id -> user attributes
 
     @property
     def reference_trials(self) -> dict[str, str]:
@@ -168,10 +190,24 @@ class ReferenceFirst(SearcherWrapper):
         suggestion: dict[str, Any] | None = self.searcher.suggest(trial_id)
         return suggestion
 
+    def set_trial_user_attrs(self, trial_id: str, attrs: Mapping[str, Any]) -> None:
+        """A reference trial's attributes wait for its end; others go down the chain."""
+        name = self._reference_trials.get(trial_id)
+        if name is None:
+            set_trial_user_attrs(self.searcher, trial_id, attrs)
+        else:
+            kept = self.__dict__.setdefault("_reference_attrs", {})  # older saved state
+            kept[trial_id] = {**attrs, "reference": name}
+
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        """Intermediate results of sampled trials go to the wrapped searcher."""
+        """Sampled trials' results go to the wrapped searcher; a reference keeps its epochs."""
         if trial_id not in self._reference_trials:
             self.searcher.on_trial_result(trial_id, result)
+            return
+        value, epoch = result.get(self.metric), result.get("epoch")
+        if isinstance(value, (int, float)) and isinstance(epoch, (int, float)):
+            steps = self.__dict__.setdefault("_reference_steps", {})  # older saved state
+            steps.setdefault(trial_id, {})[int(epoch)] = float(value)
 
     def on_trial_complete(
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
@@ -189,8 +225,14 @@ class ReferenceFirst(SearcherWrapper):
         if not _inside(self.searcher, params):
             log.info("reference point %s lies outside the space: not told to the sampler", name)
             return
+        extra: dict[str, Any] = {}
+        if hasattr(self.searcher, "set_trial_user_attrs"):  # StudySearch: values by epoch too
+            self.on_trial_result(trial_id, result or {})  # the last epoch, if not told yet
+            steps = self.__dict__.get("_reference_steps", {}).get(trial_id, {})
+            attrs = self.__dict__.get("_reference_attrs", {}).get(trial_id, {"reference": name})
+            extra = {"steps": steps, "user_attrs": attrs}
         with contextlib.suppress(NotImplementedError):  # searchers that cannot learn
-            self.searcher.add_evaluated_point(params, float(value))
+            self.searcher.add_evaluated_point(params, float(value), **extra)
 
     def _reference_values(self, name: str) -> dict[str, Any]:
         return next(values for n, values in self._points if n == name)

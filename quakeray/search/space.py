@@ -47,6 +47,8 @@ __all__ = [
     "sample_of",
     "space_value",
     "trial_config",
+    "trial_params",
+    "varying_fields",
 ]
 
 log = logging.getLogger(__name__)
@@ -202,6 +204,41 @@ def space_value(cfg: ExperimentConfig, name: str) -> Any:
     if name == VARIANT_KEY:
         return (cfg.search.space[VARIANT_KEY].choices or [None])[0]
     return get_dotted(cfg, name)
+
+
+def varying_fields(cfg: ExperimentConfig) -> set[str]:
+    """Config fields whose value can differ between a search's trials.
+
+    The searched fields, those the reference points set, and every field a variant
+    bundle sets when ``variant`` is searched. The others are the same in every trial: the
+    parent run holds them once.
+    """
+    fields = {k for k in _compared(cfg) if k != VARIANT_KEY}
+    if VARIANT_KEY in cfg.search.space:
+        fields |= {k for bundle in cfg.search.variants.values() for k in bundle}
+    return fields
+
+
+def trial_params(cfg: ExperimentConfig, config: Mapping[str, Any]) -> dict[str, Any]:
+    """``trial.<field>`` for every compared field: the trial's sample, else the base value.
+
+    Compared: the searched fields and those the reference points set.
+
+    A reference point does not vary every searched field (MSE only sets no margin): it
+    still logs the value it ran with, under the same name, so MLflow's tables and charts
+    compare like with like.
+    """
+    sample = sample_of(config)
+    fields = {k: space_value(cfg, k) for k in _compared(cfg)} | sample  # + a seed check's seed
+    return {f"trial.{k}": v for k, v in fields.items()}
+
+
+def _compared(cfg: ExperimentConfig) -> list[str]:
+    """The fields trials differ in: the space's, then the reference points' (in order)."""
+    keys = list(cfg.search.space)
+    for point in reference_points(cfg):
+        keys += [k for k in point.values if k not in keys]
+    return keys
 
 
 def describe_sampler(cfg: ExperimentConfig) -> str:

@@ -18,7 +18,7 @@ from ray.tune.search import Searcher
 
 from quakeray import storage, tracking
 from quakeray.checkpoint import HISTORY_FILE, parse_history
-from quakeray.config import ExperimentConfig
+from quakeray.config import ExperimentConfig, flatten
 from quakeray.search.finalizer import in_background, wait_for_finalizers
 from quakeray.search.runs import (
     CHECKPOINT_KEY,
@@ -30,14 +30,22 @@ from quakeray.search.runs import (
     open_trial_run,
     reopen_trial_run,
 )
-from quakeray.search.searchers import SearcherWrapper
-from quakeray.search.space import CONFIRM_KEY, REFERENCE_KEY, sample_of, trial_config
+from quakeray.search.searchers import SearcherWrapper, set_trial_user_attrs
+from quakeray.search.space import (
+    CONFIRM_KEY,
+    REFERENCE_KEY,
+    sample_of,
+    trial_config,
+    trial_params,
+    varying_fields,
+)
 from quakeray.tracking import tags
+from quakeray.tracking.datasets import log_dataset
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
 
-__all__ = ["TrialRunOpener", "TrialRunTracker"]
+__all__ = ["TrialRunOpener", "TrialRunTracker", "trial_run_name"]
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +69,10 @@ class TrialRunOpener(SearcherWrapper):
         parent_run_id: str,
         search_name: str,
         base: ExperimentConfig,
+        data_path: str = "",
     ) -> None:
         super().__init__(searcher)
+        self.data_path = data_path  # the prepared data file: each trial's MLflow input
         self.uri = uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
@@ -74,19 +84,29 @@ class TrialRunOpener(SearcherWrapper):
         config = self.searcher.suggest(trial_id)
         if not isinstance(config, dict):  # None (wait) or Searcher.FINISHED
             return config  # type: ignore[no-any-return]
-        return {**config, RUN_KEY: self._open(trial_id, config)}
+        run_id = self._open(trial_id, config)
+        attrs = {
+            "tune_trial_id": trial_id,
+            "mlflow_run_id": run_id,
+            "mlflow_experiment_id": self.experiment_id,
+            "mlflow_tracking_uri": _public_uri(self.uri),
+        }
+        set_trial_user_attrs(self.searcher, trial_id, attrs)  # the Optuna trial names its run
+        return {**config, RUN_KEY: run_id}
 
     def _open(self, trial_id: str, config: Mapping[str, Any]) -> str:
         reference, confirm = config.get(REFERENCE_KEY), config.get(CONFIRM_KEY)
         run_tags = {tags.SEARCH: self.search_name}
-        run_name = f"trial-{trial_id}"
         if reference:
             run_tags[tags.REFERENCE] = reference
-            run_name += f"-{reference}"
-        if confirm:
+            run_name = str(reference)
+        elif confirm:
             seed = str(config.get("optim.seed", ""))
             run_tags |= {tags.ROLE: "confirm", tags.CONFIRM: confirm, tags.SEED: seed}
             run_name = f"seed-{confirm}-{seed}"
+        else:
+            self.sampled = getattr(self, "sampled", 0) + 1  # (a restored older opener has none)
+            run_name = trial_run_name(self.base.search.sampler, self.sampled, sample_of(config))
         run_id = open_trial_run(
             self.uri,
             self.experiment_id,
@@ -95,18 +115,35 @@ class TrialRunOpener(SearcherWrapper):
             run_name=run_name,
             extra_tags=run_tags,
         )
-        sample = sample_of(config)
-        # The sample first: a config the sample breaks is still visible in MLflow (the
-        # trial then fails on the same error, and the tracker records it).
+        # The searched fields first: a config the sample breaks is still visible in MLflow
+        # (the trial then fails on the same error, and the tracker records it).
         logger = tracking.RunLogger(self.uri, run_id)
-        logger.log_params({f"trial.{k}": v for k, v in sample.items()})
+        logger.log_params(trial_params(self.base, config))
         try:
             cfg = trial_config(self.base, config)
         except Exception:
             log.debug("trial %s: its sample breaks the config", trial_id, exc_info=True)
         else:
-            tracking.log_config(self.uri, run_id, cfg)
+            # Only what differs from the parent's settings (which hold the rest once).
+            shared, varying = flatten(self.base), varying_fields(self.base)
+            own = {k: v for k, v in flatten(cfg).items() if k in varying or shared.get(k) != v}
+            tracking.log_config(self.uri, run_id, cfg, params=own)
+        if getattr(self, "data_path", ""):  # (a restored older opener has none)
+            log_dataset(self.uri, run_id, self.data_path, ["train", "validation"])
         return run_id
+
+
+_SHORT_NAMES = {"loss.margin": "m", "loss.rank_weight": "w", "optim.lr": "lr"}
+
+
+def trial_run_name(sampler: str, index: int, sample: Mapping[str, Any]) -> str:
+    """``tpe-003 m=0.0437 w=1.4``: the sampler, the trial's number, its values in short."""
+    parts = [f"{sampler}-{index:03d}"]
+    for key, value in sample.items():
+        short = _SHORT_NAMES.get(key, key.rsplit(".", 1)[-1])
+        text = f"{value:.3g}" if isinstance(value, float) else str(value)
+        parts.append(f"{short}={text}")
+    return " ".join(parts)
 
 
 class TrialRunTracker(Callback):  # type: ignore[misc]
@@ -305,6 +342,16 @@ class TrialRunTracker(Callback):  # type: ignore[misc]
                 }
                 missed.append((epoch, kept))
         return missed
+
+
+def _public_uri(uri: str) -> str:
+    """The tracking URI without a password (``postgresql://user:secret@host/db``)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 def _trial_error(trial: Trial) -> str:

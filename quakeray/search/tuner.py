@@ -18,6 +18,7 @@ from quakeray import storage, tracking
 from quakeray.config import ExperimentConfig
 from quakeray.data.prepare import PreparedData
 from quakeray.metrics import EPOCH_METRICS
+from quakeray.search.console import EpochLines
 from quakeray.search.finalizer import wait_for_finalizers
 from quakeray.search.runs import close_open_children
 from quakeray.search.state import TRAIN_SUBDIR
@@ -83,6 +84,7 @@ def new_tuner(
         parent_run_id=search.parent,
         search_name=s.name,
         base=search.cfg,
+        data_path=search.data.path,
     )
     tracker = TrialRunTracker(
         search.uri,
@@ -104,7 +106,7 @@ def new_tuner(
         run_config=tune.RunConfig(
             name=storage.name(folder),
             storage_path=storage.parent(folder),
-            callbacks=[tracker, *callbacks],
+            callbacks=[tracker, EpochLines(search.cfg), *callbacks],
             # Trials do not retry at Tune level: Train restarts failed workers itself.
             failure_config=tune.FailureConfig(max_failures=0),
         ),

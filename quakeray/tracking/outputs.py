@@ -7,8 +7,10 @@ predictions with their figures, for training's best epoch and for ``quakeray eva
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from quakeray.checkpoint import (
     write_predictions,
 )
 from quakeray.config import ExperimentConfig
+from quakeray.metrics import SCORE_METRIC
 from quakeray.tracking import tags
 from quakeray.tracking.store import RunLogger
 
@@ -38,9 +41,9 @@ def finalize_run(uri: str, run_id: str, cfg: ExperimentConfig, checkpoint_path: 
     """Log the best checkpoint's outputs into the MLflow run (on a driver, after fit).
 
     Logs the validation predictions CSV, the scatter and per-bin figures, the best
-    epoch's metrics as ``best_*``, the ``quakeray.best_checkpoint`` tag (used by
-    ``quakeray evaluate RUN_ID``), and the model with a signature (when
-    ``tracking.log_model``). Does not change the run's status.
+    epoch's ``best_val_MAE`` (and ``best_<run.checkpoint_metric>``), the
+    ``quakeray.best_checkpoint`` tag (used by ``quakeray evaluate RUN_ID``), and the model
+    with a signature (when ``tracking.log_model``). Does not change the run's status.
     """
     logger = RunLogger(uri, run_id)
     with storage.local_copy(checkpoint_path) as folder:
@@ -48,16 +51,17 @@ def finalize_run(uri: str, run_id: str, cfg: ExperimentConfig, checkpoint_path: 
         epoch = int(state["epoch"])
         logger.set_tags({tags.BEST_CHECKPOINT: checkpoint_path, tags.BEST_EPOCH: epoch})
         metrics = {k: v for k, v in read_metrics(folder).items() if v is not None}
-        logger.log_metrics(
-            {f"best_{k}": v for k, v in metrics.items() if k.startswith("val_")}, step=epoch
-        )
+        # The scores a runs table sorts on, not every validation metric again: each
+        # would be one more one-point chart (the best epoch's others are in the history).
+        summary = {SCORE_METRIC, f"{SCORE_METRIC}_const_median", cfg.run.checkpoint_metric}
+        logger.log_metrics({f"best_{k}": v for k, v in metrics.items() if k in summary}, step=epoch)
         if (folder / PREDICTIONS_FILE).is_file():
             log_prediction_outputs(
                 logger,
                 read_predictions(folder / PREDICTIONS_FILE),
                 csv_artifact=f"predictions/{PREDICTIONS_FILE}",
                 figure_prefix="plots/val_",
-                title=f"validation, epoch {epoch + 1}",
+                title=f"validation, epoch {epoch}",  # 0-based, as the epoch metric
             )
         if cfg.tracking.log_model:
             log_model(uri, run_id, state)
@@ -130,7 +134,7 @@ def log_model(uri: str, run_id: str, state: Mapping[str, Any]) -> None:
     # log_model files the model under the *active* run's experiment (else experiment 0,
     # where runs:/<id>/model cannot find it): make the run active for the call, then
     # give it back the status it had (leaving the context marks it FINISHED).
-    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+    with _quiet_mlflow(), mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
         mlflow.pytorch.log_model(
             wrapped,
             name="model",
@@ -170,7 +174,33 @@ def register_model(uri: str, run_id: str, checkpoint_path: str, name: str) -> st
         logged = client.search_logged_models(
             experiment_ids=[experiment], filter_string=f"source_run_id = '{run_id}'"
         )
-    mlflow.set_tracking_uri(uri)
-    version = mlflow.register_model(f"models:/{logged[0].model_id}", name)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    model_id = logged[0].model_id
+    with _quiet_mlflow():
+        version = client.create_model_version(
+            name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id
+        )
     client.set_registered_model_alias(name, CHAMPION, version.version)
     return f"models:/{name}@{CHAMPION}"
+
+
+@contextlib.contextmanager
+def _quiet_mlflow() -> Iterator[None]:
+    """MLflow's INFO and WARNING lines off the console while a model is logged or registered.
+
+    "Saving pytorch model by Pickle ..." warns of the format this module chose on purpose
+    (see :func:`log_model`); "Created version 1 ..." is said by the search's summary.
+    """
+    logger = logging.getLogger("mlflow")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -14,6 +14,7 @@ global "active run" state, which would leak between Ray tasks sharing a process.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from collections.abc import Mapping
@@ -38,6 +39,7 @@ __all__ = [
     "RunStatus",
     "check_existing_store",
     "check_tracking",
+    "context_tags",
     "end_run",
     "get_or_create_experiment",
     "log_config",
@@ -45,6 +47,7 @@ __all__ = [
     "mlflow_ui_command",
     "resolve_tracking_uri",
     "run_status",
+    "runs_view_link",
     "server_health",
     "start_run",
 ]
@@ -227,22 +230,61 @@ def start_run(
     parent_run_id: str | None = None,
     tags: Mapping[str, str] | None = None,
 ) -> str:
-    """Create a RUNNING run and return its id (nested under ``parent_run_id`` if given)."""
-    all_tags = {k: _clip(str(v), _MAX_TAG_VAL_LENGTH) for k, v in (tags or {}).items()}
+    """Create a RUNNING run and return its id (nested under ``parent_run_id`` if given).
+
+    The run gets MLflow's context tags (user, source, git commit) as ``mlflow.start_run``
+    would set them: ``MlflowClient.create_run`` alone sets none.
+    """
+    merged = {**context_tags(), **(tags or {})}
+    all_tags = {k: _clip(str(v), _MAX_TAG_VAL_LENGTH) for k, v in merged.items()}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = mlflow_client(uri).create_run(experiment_id, run_name=run_name, tags=all_tags)
     return str(run.info.run_id)
 
 
-def log_config(uri: str, run_id: str, cfg: ExperimentConfig) -> None:
+@functools.cache
+def context_tags() -> dict[str, str]:
+    """MLflow's context tags for runs of this process: ``mlflow.user``, ``mlflow.source.*``.
+
+    From MLflow's own resolvers (what ``mlflow.start_run`` uses); when the entry point is
+    not in a git checkout (an installed ``quakeray`` script), the commit, branch and
+    remote of the quakeray sources are used, if those are one. Computed once per process.
+    """
+    from mlflow.tracking.context.registry import resolve_tags
+    from mlflow.utils import git_utils
+
+    found = {k: str(v) for k, v in resolve_tags({}).items()}
+    if "mlflow.source.git.commit" not in found:
+        sources = str(Path(__file__).resolve().parents[1])
+        for key, get in (
+            ("mlflow.source.git.commit", git_utils.get_git_commit),
+            ("mlflow.source.git.branch", git_utils.get_git_branch),
+            ("mlflow.source.git.repoURL", git_utils.get_git_repo_url),
+        ):
+            value = get(sources)
+            if value:
+                found[key] = str(value)
+    return found
+
+
+def log_config(
+    uri: str, run_id: str, cfg: ExperimentConfig, *, params: Mapping[str, Any] | None = None
+) -> None:
     """Log the flattened config as params and the resolved YAML as an artifact.
 
     Params are ``section.field`` (``loss.margin``), values clipped to MLflow's length
     limit. Logging the same config twice is harmless (identical values are accepted).
+
+    Args:
+        uri: Tracking URI.
+        run_id: The run.
+        cfg: The run's whole config (the YAML artifact).
+        params: The params to log instead of all of ``flatten(cfg)`` (a search's runs
+            split them: what every trial shares on the parent, the rest on each trial).
     """
     logger = RunLogger(uri, run_id)
-    logger.log_params(flatten(cfg))
+    logger.log_params(flatten(cfg) if params is None else params)
     logger.log_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), CONFIG_ARTIFACT)
 
 
@@ -323,6 +365,15 @@ def mlflow_ui_command(uri: str) -> str:
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
     return f"mlflow ui --backend-store-uri {uri}"
+
+
+def runs_view_link(uri: str, experiment_id: str) -> str:
+    """The URL of an experiment's runs table (not MLflow 3's GenAI "Overview" page).
+
+    For a local store: the address ``mlflow ui`` serves by default.
+    """
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def mlflow_client(uri: str) -> MlflowClient:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 __all__ = [
     "BACKBONE",
+    "BEST",
     "BEST_CHECKPOINT",
     "BEST_EPOCH",
     "BEST_RUN_ID",
@@ -49,6 +50,7 @@ ERROR = "quakeray.error"  # first line of a failed trial's error
 RESTARTS = "quakeray.restarts"  # times Tune restarted the trial
 BEST_TRIAL_ID = "quakeray.best_trial_id"  # on the parent: the best trial
 BEST_RUN_ID = "quakeray.best_run_id"  # on the parent: the best trial's run
+BEST = "quakeray.best"  # on trials: "true" on the search's best (its name marked too)
 REGISTERED_MODEL = "quakeray.registered_model"  # on the parent: models:/<search>@champion
 CONFIRM = "quakeray.confirm"  # confirmation runs: mse_only | paper | best
 SEED = "quakeray.seed"  # confirmation runs: their optim.seed

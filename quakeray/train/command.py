@@ -18,6 +18,7 @@ import yaml
 
 from quakeray import storage
 from quakeray.checkpoint import (
+    STATE_FILE,
     check_compatible,
     find_checkpoints,
     load_checkpoint,
@@ -60,7 +61,7 @@ class TrainSummary:
 
         lines = [f"run {self.run_name} finished in {self.wall_s:.0f} s"]
         if self.best_epoch is not None:
-            lines.append(f"  best epoch       {self.best_epoch + 1}")
+            lines.append(f"  best epoch       {self.best_epoch} (0-based: MLflow's epoch and step)")
         best = self.best_metrics
         for key in ("val_MAE", "val_RMSE", "val_spearman", "val_rank_acc", "val_detection_acc"):
             if key in best:
@@ -121,6 +122,8 @@ def _train(
 ) -> TrainSummary:
     """Everything after the run folder is this process's: Ray, data, the MLflow run, fit."""
     from quakeray import tracking
+    from quakeray.runtime import is_verbose
+    from quakeray.tracking.datasets import log_dataset
 
     _check_rerun(cfg, run_dir, name)
     data = _prepare_cluster_and_data(cfg, uri=uri, location=location)
@@ -129,6 +132,7 @@ def _train(
     try:
         if new_run:
             tracking.log_config(uri, run_id, cfg)
+            log_dataset(uri, run_id, data.path, ["train", "validation"])
             _write_run_info(run_dir, uri, run_id)
         print(f"MLflow run {run_id} in {uri}; checkpoints in {run_dir}", flush=True)
         trainer = build_trainer(
@@ -139,6 +143,7 @@ def _train(
             tracking_uri=uri,
             mlflow_run_id=run_id,
             resume_from=resume_from,
+            ray_log_level="INFO" if is_verbose() else "WARNING",
         )
         result = fit(trainer)
         best = best_checkpoint_path(result, run_dir=run_dir, metric=cfg.run.checkpoint_metric)
@@ -198,7 +203,10 @@ def _check_resume(cfg: ExperimentConfig, resume: str | None) -> str | None:
     """The ``--resume`` checkpoint folder, once it is known to fit ``cfg``."""
     if not resume:
         return None
-    state_file = resolve_state_file(resume)
+    if storage.is_remote(resume) and not storage.on_local_disk(resume):
+        check_compatible(load_checkpoint(resume), cfg, source=resume)
+        return resume.removesuffix(f"/{STATE_FILE}")  # the folder, in the bucket
+    state_file = resolve_state_file(storage.local_path(resume))
     check_compatible(load_checkpoint(state_file), cfg, source=str(resume))
     return str(state_file.parent.resolve())
 
@@ -228,7 +236,7 @@ def _prepare_cluster_and_data(cfg: ExperimentConfig, *, uri: str, location: str)
     data = prepare_data(cfg)
     check_model(cfg, data)
     if cfg.scaling.num_workers > 0:
-        init_ray(cfg)
+        init_ray(cfg, worker_output=True)  # rank 0's epoch lines and progress bars
         check_resources(cfg)
         preflight(cfg, data_path=data.path, tracking_uri=uri, storage_path=location)
     return data

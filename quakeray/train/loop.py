@@ -8,6 +8,7 @@ driver hands the workers is one typed, frozen :class:`LoopConfig`.
 
 from __future__ import annotations
 
+import logging
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ class LoopConfig:
     resume_from: str = ""  # --resume checkpoint folder, used when Ray has none of its own
     local_checkpoint_dir: str = ""  # in-process run: the loop writes checkpoints here itself
     progress_bar: bool = False  # bars for a person at a terminal; logs get one line per epoch
+    ray_log_level: str = "INFO"  # the lowest level of Ray's lines on this worker's console
 
 
 def train_loop_per_worker(spec: LoopConfig) -> None:
@@ -71,6 +73,7 @@ def train_loop_per_worker(spec: LoopConfig) -> None:
     master = rank == 0  # only the master process logs and checkpoints
     distributed = world > 1 and dist.is_available() and dist.is_initialized()
     device = ray.train.torch.get_device()
+    _quiet_console(spec)
 
     data = build_data(cfg, spec.data, rank=rank, world=world, device=device)
     parts = build_model_parts(cfg, data, rank=rank, device=device)
@@ -152,6 +155,28 @@ def _checkpoint_and_report(
     if master and local_dir:
         run = spec.config.run
         prune_checkpoints(local_dir, run.checkpoints_to_keep, metric=run.checkpoint_metric)
+
+
+def _quiet_console(spec: LoopConfig) -> None:
+    """Other libraries' lines below ``spec.ray_log_level`` off a Ray worker's console.
+
+    Ray Train's ``LoggingConfig`` covers its ``ray.train`` loggers only; a few of Ray's
+    lines (the metric dict of every report) come from loggers named otherwise. Their
+    records still reach Ray Train's log files, whose handlers are not filtered. Not in
+    process (``num_workers=0``): the console is the driver's own.
+    """
+    threshold = logging.getLevelName(spec.ray_log_level.upper())
+    if spec.local_checkpoint_dir or not isinstance(threshold, int) or threshold <= logging.INFO:
+        return
+
+    def shown(record: logging.LogRecord) -> bool:
+        return record.levelno >= threshold or record.name.startswith("quakeray")
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(
+            handler, logging.FileHandler
+        ):
+            handler.addFilter(shown)
 
 
 def _epoch_logger(spec: LoopConfig) -> EpochLog | None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quakeray import storage
-from quakeray.checkpoint import best_checkpoint, find_checkpoints
+from quakeray.checkpoint import best_checkpoint_at, find_checkpoints
 from quakeray.config import ExperimentConfig
 from quakeray.data.prepare import PreparedData
 from quakeray.errors import QuakerayError
@@ -44,6 +44,7 @@ def build_trainer(
     log_metrics: bool = True,
     callbacks: Sequence[Any] = (),
     resume_from: str | None = None,
+    ray_log_level: str = "INFO",
 ) -> ray.train.torch.TorchTrainer:
     """A ``TorchTrainer`` for one training run.
 
@@ -61,6 +62,9 @@ def build_trainer(
         callbacks: Ray *Train* callbacks (the search passes ``TuneReportCallback()``).
         resume_from: Checkpoint folder to continue from (``--resume``), used when Ray has
             no checkpoint of its own for this run.
+        ray_log_level: The lowest level of Ray's own lines on the consoles of Train's
+            processes ("WARNING" hides "Reporting training result ..." and the like);
+            all of them stay in ``<session>/logs/train/ray-train-*.log``.
     """
     import ray.train
     import ray.train.torch
@@ -91,6 +95,7 @@ def build_trainer(
         # Bars only for a person at a terminal: in logs (Ray jobs, Tune trials, CI) every
         # redraw becomes a line; the per-epoch summary line carries samples/s anyway.
         progress_bar=sys.stderr.isatty(),
+        ray_log_level=ray_log_level,
     )
     resources: dict[str, float] = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
@@ -116,7 +121,9 @@ def build_trainer(
                 checkpoint_score_attribute=cfg.run.checkpoint_metric,
                 checkpoint_score_order="min",
             ),
-        ),
+            # Train V2's RunConfig (RAY_TRAIN_V2_ENABLED); its stubs are V1's.
+            logging_config=ray.train.LoggingConfig(log_level=ray_log_level),
+        ),  # type: ignore[call-arg]
     )
 
 
@@ -162,9 +169,9 @@ def best_checkpoint_path(result: Any, *, run_dir: str, metric: str = SCORE_METRI
             scored.append((value, -int(metrics.get("epoch", 0)), path))
     if scored:
         return str(min(scored)[2])
-    local = None if storage.is_remote(run_dir) else best_checkpoint(run_dir, metric)
-    if local is not None:
-        return str(local)
+    found = best_checkpoint_at(run_dir, metric)
+    if found is not None:
+        return found
     ckpt = getattr(result, "checkpoint", None)
     return storage.with_scheme_of(str(ckpt.path), run_dir) if ckpt is not None else None
 

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port
 
 from quakeray.data.download import QUAKESET_MD5, QUAKESET_URL, download
 from quakeray.errors import DownloadError
+from tests.conftest import free_port
 
 PAYLOAD = bytes(range(256)) * 4096 + b"tail"  # ~1 MB, not a multiple of the chunk size
 MD5 = hashlib.md5(PAYLOAD).hexdigest()

@@ -10,6 +10,7 @@ Two searches share the module's Ray (each trial starts a worker group, ~20 s her
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,7 +124,31 @@ def test_one_child_run_per_trial_with_tags_and_epoch_metrics(searched: Searched)
         assert "best_val_MAE" in run.data.metrics
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
         assert "plots/val_scatter.png" in artifacts
-        assert run.data.params["optim.epochs"] == str(EPOCHS)
+        # The searched fields under the same names in every trial; shared settings on the
+        # parent only; MLflow's context tags and the data as the run's inputs.
+        assert {"trial.optim.lr", "trial.loss.margin", "trial.loss.rank_weight"} <= set(
+            run.data.params
+        )
+        assert "optim.epochs" not in run.data.params
+        assert run.data.tags["mlflow.user"] and "mlflow.source.name" in run.data.tags
+        contexts = {
+            t.value for d in run.inputs.dataset_inputs for t in d.tags if t.key.endswith("context")
+        }
+        assert contexts == {"train", "validation"}
+        # Named by what they are; the best marked.
+        reference = tags.get("quakeray.reference")
+        name = run.info.run_name.removeprefix("★ best: ")
+        if reference:
+            assert name == reference
+        else:
+            assert re.fullmatch(r"tpe-\d{3} lr=\S+", name), name
+        best = tags["quakeray.trial_id"] == s.best.trial_id  # type: ignore[union-attr]
+        assert run.info.run_name.startswith("★ best: ") == best
+        assert tags.get("quakeray.best", "false") == str(best).lower()
+        # One best_* per score: no one-point chart per validation metric.
+        summaries = {k for k in run.data.metrics if k.startswith("best_")}
+        assert summaries <= {"best_val_MAE", "best_val_MAE_const_median"}
+    assert searched.client.get_run(s.parent_run_id).data.params["optim.epochs"] == str(EPOCHS)
 
 
 def test_parent_run_holds_the_search(searched: Searched) -> None:
@@ -136,6 +161,13 @@ def test_parent_run_holds_the_search(searched: Searched) -> None:
     assert parent.data.params["search.space.optim.lr"].startswith("loguniform")
     assert parent.data.params["tune.scheduler"].startswith("ASHA")
     assert parent.data.params["tune.sampler"] == "optuna.TPESampler(seed=0)"
+    # The search's params, not the paper point's: searched fields are not on the parent.
+    assert "loss.margin" not in parent.data.params and "optim.lr" not in parent.data.params
+    assert parent.data.metrics["best.optim.lr"] == pytest.approx(s.best.params["optim.lr"])  # type: ignore[union-attr]
+    note = parent.data.tags["mlflow.note.content"]
+    assert f"runs/{s.best.run_id}" in note and "constant (train median)" in note  # type: ignore[union-attr]
+    assert "| [paper](" in note and "| [mse_only](" in note
+    assert "runs view" in s.format() and "workflowType=machine_learning" in s.format()
     artifacts = {a.path for a in client.list_artifacts(s.parent_run_id)}
     artifacts |= {a.path for a in client.list_artifacts(s.parent_run_id, "plots")}
     assert {"results.csv", "best_config.yaml", "plots/optimisation_history.png"} <= artifacts

@@ -93,7 +93,7 @@ def test_the_parent_run_and_the_summary_carry_the_verdict(
     verdict = parent.data.tags["quakeray.verdict"]
     assert "against MSE only" in verdict and "seed" in verdict
     note = parent.data.tags["mlflow.note.content"]  # the run page's description
-    assert note.startswith("**Seed check**") and verdict in note
+    assert note.startswith("**Search `") and "**Seed check**" in note and verdict in note
     assert {"confirm_mse_only_test_MAE", "confirm_paper_test_MAE"} <= set(parent.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(summary.parent_run_id)}
     artifacts |= {a.path for a in client.list_artifacts(summary.parent_run_id, "plots")}

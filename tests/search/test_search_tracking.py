@@ -120,8 +120,12 @@ def test_opener_opens_the_run_and_passes_its_id_in_the_config(mlflow_uri: str) -
     assert tags["mlflow.parentRunId"] == opener.parent_run_id
     assert (tags[TAG_TRIAL], tags[TAG_STATUS], tags[TAG_REFERENCE]) == ("t1", "running", "paper")
     assert run.data.params["trial.loss.margin"] == "0.5"
-    assert run.data.params["loss.margin"] == "0.5"  # the trial's whole config
-    assert run.data.params["model.backbone"] == "test_resnet"
+    assert run.data.params["loss.margin"] == "0.5"  # what the trial ran with
+    # Every searched field under the same name, also those the sample leaves at the base.
+    assert run.data.params["trial.loss.rank_weight"] == "1.0"
+    assert "model.backbone" not in run.data.params  # the same for all trials: on the parent
+    assert run.info.run_name == "paper"
+    assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.type"] == "LOCAL"
     # "wait" and "finished" pass through and open nothing.
     assert opener.suggest("t2") is None
     assert opener.suggest("t3") == Searcher.FINISHED
@@ -133,7 +137,8 @@ def test_opener_records_a_sample_that_breaks_the_config(mlflow_uri: str) -> None
     config = opener.suggest("t1")
     assert isinstance(config, dict)
     run = MlflowClient(mlflow_uri).get_run(config[RUN_KEY])
-    assert run.data.params == {"trial.optim.epochs": "0"}
+    assert run.data.params["trial.optim.epochs"] == "0"
+    assert not any(k.startswith("optim.") for k in run.data.params)
 
 
 def test_opener_state_survives_pickling_with_the_wrapped_searcher(mlflow_uri: str) -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port
 from mlflow.tracking import MlflowClient
 
 from quakeray.config import load_config
@@ -23,6 +22,7 @@ from quakeray.tracking import (
     resolve_tracking_uri,
     start_run,
 )
+from tests.conftest import free_port
 
 
 def test_resolve_default_env_and_relative(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

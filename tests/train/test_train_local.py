@@ -17,7 +17,6 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import free_port
 from mlflow.tracking import MlflowClient
 
 from quakeray.checkpoint import (
@@ -34,6 +33,7 @@ from quakeray.errors import CheckpointError
 from quakeray.metrics import EPOCH_METRICS
 from quakeray.tracking.tags import BEST_CHECKPOINT as BEST_CHECKPOINT_TAG
 from quakeray.train import TrainSummary, run_training
+from tests.conftest import free_port
 
 EPOCHS = 3
 REPO = Path(__file__).resolve().parents[2]

@@ -2,8 +2,9 @@
 
 A 2-worker ``TorchTrainer`` with ``STRICT_SPREAD`` puts one rank on each node (checked from
 the placement group Ray created), talks gloo across them, ranks with ``global`` pairs (an
-all-gather of predictions across nodes), checkpoints into a ``storage_path`` both nodes see,
-and ends with exactly the validation metrics of the same run packed onto one node.
+all-gather of predictions across nodes), checkpoints into a bucket both nodes write to (a
+real S3 API, ``moto_server``), and ends with exactly the validation metrics of the same run
+packed onto one node.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 from quakeray.config import ExperimentConfig, load_config
+from tests.conftest import S3Server
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +27,8 @@ VAL_KEYS = ("val_loss", "val_MAE", "val_RMSE", "val_spearman", "val_rank_acc")
 
 
 @pytest.fixture(scope="module")
-def two_node_cluster() -> Iterator[Any]:
+def two_node_cluster(s3_server: S3Server) -> Iterator[Any]:
+    """Two raylets; the S3 server is up first, so both nodes' workers reach the bucket."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -98,7 +101,7 @@ class _PlacementWatcher:
             time.sleep(0.2)
 
 
-def _fit(cfg: ExperimentConfig, storage: Path, name: str) -> tuple[Any, _PlacementWatcher]:
+def _fit(cfg: ExperimentConfig, storage: Path | str, name: str) -> tuple[Any, _PlacementWatcher]:
     from quakeray.data.prepare import prepare_data
     from quakeray.train import build_trainer
 
@@ -118,15 +121,16 @@ def _fit(cfg: ExperimentConfig, storage: Path, name: str) -> tuple[Any, _Placeme
 
 
 def test_two_nodes_strict_spread_equals_one_node(
-    two_node_cluster: Any, data_copy: Path, tmp_path: Path
+    two_node_cluster: Any, data_copy: Path, tmp_path: Path, s3_server: S3Server
 ) -> None:
     import ray
 
+    from quakeray import storage
     from quakeray.checkpoint import load_checkpoint
 
     node_ids = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert len(node_ids) == 2
-    shared = tmp_path / "shared_storage"  # both raylets see this directory
+    shared = s3_server.uri("multinode")  # a bucket both nodes write to, as on a cluster
 
     spread, spread_pgs = _fit(_cfg(data_copy, "STRICT_SPREAD"), shared, "two-nodes")
     packed, packed_pgs = _fit(_cfg(data_copy, "STRICT_PACK"), tmp_path / "one_node", "one-node")
@@ -146,11 +150,12 @@ def test_two_nodes_strict_spread_equals_one_node(
         assert spread.metrics[key] == pytest.approx(packed.metrics[key], rel=1e-5, abs=1e-7), key
     assert spread.metrics["epoch"] == packed.metrics["epoch"] == 1
 
-    # Checkpoints landed in the shared storage_path, written by rank 0, loadable anywhere.
-    run_dir = shared / "two-nodes"
-    assert Path(spread.checkpoint.path).is_relative_to(run_dir)
-    state = load_checkpoint(spread.checkpoint.path)
+    # Checkpoints landed in the bucket, written by rank 0, loadable anywhere.
+    run_dir = f"{shared}/two-nodes"
+    checkpoint = storage.with_scheme_of(spread.checkpoint.path, shared)
+    assert checkpoint.startswith(f"{run_dir}/checkpoint_epoch_")
+    state = load_checkpoint(checkpoint)
     assert state["world_size"] == 2
     assert state["config"]["loss"]["pairing"] == "global"
     assert state["epoch"] == 1
-    assert len(list(run_dir.glob("checkpoint*"))) >= 1
+    assert [n for n in storage.list_dir(run_dir) if n.startswith("checkpoint")]

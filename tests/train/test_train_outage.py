@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MlflowServer
 from mlflow.tracking import MlflowClient
 
 from quakeray.checkpoint import read_history
+from tests.conftest import MlflowServer
 
 pytestmark = pytest.mark.slow
 
