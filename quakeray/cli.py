@@ -153,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "evaluate", help="evaluate a checkpoint or an MLflow run on a data split"
     )
-    evaluate.add_argument("target", help="checkpoint directory, or an MLflow run id")
+    evaluate.add_argument(
+        "target", help="checkpoint or run folder, an MLflow run id, or models:/NAME@ALIAS"
+    )
     evaluate.add_argument("--split", choices=["train", "val", "test"], default="test")
     evaluate.add_argument("--data", metavar="FILE", help="data file (default: the run's)")
     evaluate.add_argument("--tracking-uri", help="MLflow tracking URI (default: config/env)")

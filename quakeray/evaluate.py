@@ -177,7 +177,10 @@ def evaluate_target(
 
 
 def resolve_target(target: str, tracking_uri: str | None) -> str:
-    """The checkpoint folder a checkpoint path, run folder or MLflow run id stands for.
+    """The checkpoint folder a checkpoint path, run folder, MLflow run id or model stands for.
+
+    A registered model (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``) stands for the
+    best checkpoint of the run that logged it.
 
     Raises:
         CheckpointError: Nothing found for ``target``.
@@ -185,6 +188,9 @@ def resolve_target(target: str, tracking_uri: str | None) -> str:
     """
     from quakeray.tracking import resolve_tracking_uri
 
+    if target.startswith("models:/"):
+        uri = resolve_tracking_uri(tracking_uri or "")
+        return _checkpoint_of_run(_run_of_model(target, uri), uri)
     if storage.is_remote(target):  # a checkpoint or run folder in a bucket (or file://)
         if storage.is_file(storage.join(target, STATE_FILE)):
             return target
@@ -210,6 +216,33 @@ def resolve_target(target: str, tracking_uri: str | None) -> str:
             "pass an existing checkpoint folder or an MLflow run id"
         )
     return _checkpoint_of_run(target, resolve_tracking_uri(tracking_uri or ""))
+
+
+def _run_of_model(model_uri: str, uri: str) -> str:
+    """The run that logged the registered model ``models:/NAME@ALIAS`` (or ``/VERSION``)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from quakeray.tracking import check_existing_store
+
+    check_existing_store(uri, f"model {model_uri} cannot be found: pass --tracking-uri")
+    ref = model_uri.removeprefix("models:/")
+    name, alias = ref.split("@", 1) if "@" in ref else (ref.rsplit("/", 1)[0], "")
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        if alias:
+            version = client.get_model_version_by_alias(name, alias)
+        else:
+            version = client.get_model_version(name, ref.rsplit("/", 1)[-1])
+    except MlflowException as exc:
+        reason = str(exc).strip().splitlines()[0][:200]
+        raise CheckpointError(
+            f"model {model_uri} does not resolve in {uri} ({reason}); check the name and alias "
+            "in the MLflow UI (Models)"
+        ) from None
+    if not version.run_id:
+        raise CheckpointError(f"model {model_uri} names no run; pass a checkpoint folder")
+    return str(version.run_id)
 
 
 def _checkpoint_of_run(run_id: str, uri: str) -> str:

@@ -200,3 +200,8 @@ def test_registered_model_uri_predicts_like_the_checkpoint(
         ]
     ) == 0  # fmt: skip
     assert tile_magnitudes(out2) == tile_magnitudes(out)
+    # quakeray evaluate takes the registered model too: its run's best checkpoint.
+    from quakeray.evaluate import evaluate_target
+
+    result = evaluate_target(uri, split="val", tracking_uri=trained.tracking_uri, log=False)
+    assert result.checkpoint == str(trained.best_checkpoint)
