@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -185,6 +186,9 @@ def _model() -> torch.nn.Module:
 
 
 def _global_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    # Both ranks on loopback: gloo otherwise binds the hostname's interface, which aborted
+    # a rank once in CI ("terminate called without an active exception").
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = torch.nn.parallel.DistributedDataParallel(_model())
