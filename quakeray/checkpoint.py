@@ -26,7 +26,7 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from quakeray import storage
 from quakeray.config import ExperimentConfig, from_dict, to_dict
@@ -65,6 +65,8 @@ __all__ = [
     "save_checkpoint",
     "write_predictions",
 ]
+
+_Folder = TypeVar("_Folder", Path, str)  # a local checkpoint folder, or its URI
 
 STATE_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.json"
@@ -370,14 +372,18 @@ def best_checkpoint(
     ``metric`` None: the one the run ranked its checkpoints by (its config's
     ``run.checkpoint_metric``, read from the newest checkpoint).
     """
-    folders = find_checkpoints(run_dir)
+    return _best_of(find_checkpoints(run_dir), metric, mode)
+
+
+def _best_of(folders: Sequence[_Folder], metric: str | None, mode: str = "min") -> _Folder | None:
+    """The folder (a Path, or a URI string) with the best ``metric``; ties: the first name."""
     if metric is None:
         metric = ranking_metric(folders[-1]) if folders else SCORE_METRIC
     scored = []
     for folder in folders:
         value = read_metrics(folder).get(metric)
         if value is not None and math.isfinite(value):
-            scored.append((value if mode == "min" else -value, folder.name, folder))
+            scored.append((value if mode == "min" else -value, storage.name(str(folder)), folder))
     return min(scored)[2] if scored else None
 
 
@@ -391,24 +397,21 @@ def best_checkpoint_at(location: str, metric: str | None = None) -> str | None:
         for n in storage.list_dir(location)
         if storage.is_file(storage.join(location, n, STATE_FILE))
     ]
-    if not folders:
-        return None
-    if metric is None:
-        run = (load_checkpoint(folders[-1]).get("config") or {}).get("run") or {}
-        metric = str(run.get("checkpoint_metric", SCORE_METRIC))
-    scored = []
-    for folder in folders:
-        value = read_metrics(folder).get(metric)
-        if value is not None and math.isfinite(value):
-            scored.append((value, folder))
-    return min(scored)[1] if scored else None
+    return _best_of(folders, metric)
 
 
 def ranking_metric(folder: str | Path) -> str:
-    """The ``run.checkpoint_metric`` a checkpoint's run ranked by (memory-mapped read)."""
+    """The ``run.checkpoint_metric`` a checkpoint's run ranked by (memory-mapped read).
+
+    A checkpoint in a bucket is downloaded whole (:func:`load_checkpoint`).
+    """
     import torch
 
-    state = torch.load(resolve_state_file(folder), map_location="cpu", weights_only=True, mmap=True)
+    if storage.is_remote(str(folder)) and not storage.on_local_disk(str(folder)):
+        state = load_checkpoint(folder)
+    else:
+        file = resolve_state_file(storage.local_path(str(folder)))
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     run = (state.get("config") or {}).get("run") or {}
     return str(run.get("checkpoint_metric", SCORE_METRIC))
 

@@ -78,17 +78,15 @@ def run_predict(args: argparse.Namespace) -> int:
         raise DataError("give either --pre and --post (one event) or --manifest CSV (many)")
     if single and not (args.pre and args.post):
         raise DataError("give both --pre and --post (each a VV+VH file, or twice: VV and VH)")
-    if args.manifest is not None and not args.manifest.is_file():
-        raise DataError(f"manifest {args.manifest} not found; pass a CSV with columns pre,post")
     out = args.out or Path("predictions") / _default_name(args)
     if args.manifest is not None:
         from quakeray.predict.manifest import predict_manifest, read_manifest
 
-        read_manifest(args.manifest)  # a bad manifest is refused before the model loads
+        rows = read_manifest(args.manifest)  # a bad manifest is refused before the model loads
         predictor = load_predictor(args.model, tracking_uri=args.tracking_uri)
         result = predict_manifest(
             predictor,
-            args.manifest,
+            rows,
             out,
             options,
             workers=args.workers,

@@ -190,27 +190,26 @@ class ManifestResult:
 
 def predict_manifest(
     predictor: Predictor,
-    manifest: Path,
+    rows: list[EventRow],
     out: Path,
     options: PredictOptions,
     *,
     workers: int = 0,
     overwrite: bool = False,
 ) -> ManifestResult:
-    """Predict every event of ``manifest`` on Ray; write per-event outputs and the results.
+    """Predict every event on Ray; write per-event outputs and the results table.
 
     Args:
         predictor: The model; put in Ray's object store once and loaded once per actor.
-        manifest: The CSV (see the module docstring).
+        rows: The manifest's events (:func:`read_manifest`).
         out: Output folder, written whole or not at all.
         options: Tiling and estimate settings for every event.
         workers: Actors; 0 = one per GPU, else one per CPU, at most one per event.
         overwrite: Replace a non-empty ``out``.
 
     Raises:
-        DataError: A bad manifest or output folder (before anything runs).
+        DataError: A bad output folder (before anything runs).
     """
-    rows = read_manifest(manifest)
     with folder_written_whole(out, overwrite=overwrite) as tmp:
         lines = _run_on_ray(predictor, rows, tmp, options, workers)
         order = {r.event_id: i for i, r in enumerate(rows)}
