@@ -22,7 +22,6 @@ import csv
 import json
 import math
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +53,7 @@ __all__ = [
     "checkpoint_dir_name",
     "checkpoint_stats",
     "find_checkpoints",
+    "latest_checkpoint_at",
     "load_checkpoint",
     "parse_history",
     "prune_checkpoints",
@@ -389,15 +389,25 @@ def _best_of(folders: Sequence[_Folder], metric: str | None, mode: str = "min") 
 
 def best_checkpoint_at(location: str, metric: str | None = None) -> str | None:
     """:func:`best_checkpoint` of a run folder that may be a URI (``s3://...``); as a string."""
-    if not storage.is_remote(location) or storage.on_local_disk(location):
-        found = best_checkpoint(storage.local_path(location), metric)
-        return None if found is None else str(found)
-    folders = [
-        storage.join(location, n)
-        for n in storage.list_dir(location)
-        if storage.is_file(storage.join(location, n, STATE_FILE))
+    found = _best_of(_folders_at(location), metric)
+    return None if found is None else str(found)
+
+
+def latest_checkpoint_at(location: str) -> str | None:
+    """The newest checkpoint folder (by epoch) of a run folder that may be a URI; None if none."""
+    folders = _folders_at(location)
+    return str(folders[-1]) if folders else None
+
+
+def _folders_at(location: str | Path) -> list[str]:
+    """:func:`find_checkpoints` of a run folder that may be a URI (paths, or URIs in a bucket)."""
+    if not storage.is_remote(str(location)) or storage.on_local_disk(str(location)):
+        return [str(f) for f in find_checkpoints(storage.local_path(str(location)))]
+    return [
+        storage.join(str(location), n)
+        for n in storage.list_dir(str(location))
+        if storage.is_file(storage.join(str(location), n, STATE_FILE))
     ]
-    return _best_of(folders, metric)
 
 
 def ranking_metric(folder: str | Path) -> str:
@@ -417,13 +427,17 @@ def ranking_metric(folder: str | Path) -> str:
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int, metric: str = SCORE_METRIC) -> None:
-    """Delete all but the ``keep`` best checkpoints by ``metric`` (and always the latest)."""
-    folders = find_checkpoints(run_dir)
+    """Delete all but the ``keep`` best checkpoints by ``metric`` (and always the latest).
+
+    ``run_dir`` may be a URI (``s3://...``): what Ray Train's ``num_to_keep`` does for the
+    checkpoints it persists, for those a loop persists itself.
+    """
+    folders = _folders_at(run_dir)
     if len(folders) <= keep:
         return
     latest = folders[-1]
 
-    def score(folder: Path) -> float:
+    def score(folder: str) -> float:
         value = read_metrics(folder).get(metric)
         return value if value is not None and math.isfinite(value) else math.inf
 
@@ -431,7 +445,7 @@ def prune_checkpoints(run_dir: str | Path, keep: int, metric: str = SCORE_METRIC
     kept = set(ranked[:keep]) | {latest}
     for folder in folders:
         if folder not in kept:
-            shutil.rmtree(folder, ignore_errors=True)
+            storage.remove_dir(folder)
 
 
 def write_predictions(path: str | Path, predictions: Predictions) -> Path:

@@ -210,6 +210,9 @@ class SearchConfig:
     grace_period: int = 1  # epochs before ASHA may stop a trial
     reduction_factor: int = 2  # ASHA keeps 1/reduction_factor at each rung
     trial_cpus: float = 1.0  # logical CPUs of the trial driver (workers reserve their own)
+    # A 1-worker trial trains in the trial's own process, kept warm for the next trial: no
+    # Train worker group to start (false: Ray Train's worker group, as multi-worker trials).
+    in_process_trials: bool = True
     optuna_storage: str = ""  # persistent Optuna storage (sqlite:///... or a DB URL); "" = memory
     study_name: str = ""  # Optuna study name; "" = the search folder name (unique per search)
     top_k: int = 5  # trials listed in the final table

@@ -109,13 +109,16 @@ def evaluate_checkpoint(
         path,
         split,  # type: ignore[arg-type]  # checked against SPLIT_NAMES above
         positives_only=loaded.config.data.positives_only,
+        layout="raw",  # read straight into the batch; the transform reorders it
     )
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     # A bar for a person at a terminal (a search's best, quakeray evaluate); none in logs.
     batches = tqdm(
         loader, desc=f"{split} split", unit="batch", leave=False, disable=not sys.stderr.isatty()
     )
-    out = predict_batches(loaded.model, loaded.transform, batches, torch.device("cpu"))
+    out = predict_batches(
+        loaded.model, loaded.transform, batches, torch.device("cpu"), layout="raw"
+    )
     pred = np.asarray(out["prediction"], dtype=np.float64)
     target = np.asarray(out["magnitude"], dtype=np.float64)
     labels = np.asarray(out["label"], dtype=np.int64)

@@ -101,8 +101,12 @@ def predict_batches(
     device: torch.device,
     *,
     autocast_dtype: torch.dtype | None = None,
+    layout: str | None = None,
 ) -> dict[str, list[Any]]:
     """Predictions for every batch, with the targets and sample names.
+
+    ``layout`` is the batches' image layout (:class:`~quakeray.data.quakeset.QuakeSetDataset`'s);
+    None tells ``stacked`` and ``temporal`` apart by shape.
 
     Returns:
         The lists of :data:`PREDICTION_FIELDS`, in batch order.
@@ -112,7 +116,7 @@ def predict_batches(
     transform.eval()
     with torch.no_grad():
         for batch in batches:
-            x = transform(batch["image"].to(device, non_blocking=True))
+            x = transform(batch["image"].to(device, non_blocking=True), layout=layout)
             with torch.autocast(
                 device.type,
                 dtype=autocast_dtype or torch.float32,

@@ -194,6 +194,37 @@ def remove_empty_dir(path: str) -> bool:
     return True
 
 
+def upload_dir(local: Path, path: str) -> None:
+    """Copy a local folder's files to the folder ``path`` (created; replaced when it exists).
+
+    What Ray Train does for a checkpoint, for a loop that runs outside a worker group. On
+    a local disk the copy is renamed into place, so readers see the whole folder or none;
+    on a bucket each object appears once it is complete.
+    """
+    import shutil
+
+    from pyarrow.fs import LocalFileSystem, copy_files
+
+    fs, inner = filesystem(path)
+    if isinstance(fs, LocalFileSystem):
+        target = Path(inner)
+        staging = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+        shutil.copytree(local, staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+        return
+    fs.create_dir(inner, recursive=True)
+    copy_files(str(local), inner, source_filesystem=LocalFileSystem(), destination_filesystem=fs)
+
+
+def remove_dir(path: str) -> None:
+    """Delete a folder and everything in it (no error when it does not exist)."""
+    fs, inner = filesystem(path)
+    if fs.get_file_info(inner).type.name != "NotFound":
+        fs.delete_dir(inner)
+
+
 def list_dir(path: str) -> list[str]:
     """Names of the folders directly in ``path``, sorted ([] when it does not exist)."""
     from pyarrow.fs import FileSelector, FileType
@@ -253,10 +284,12 @@ __all__ = [
     "on_local_disk",
     "parent",
     "read_text",
+    "remove_dir",
     "remove_empty_dir",
     "replaced_atomically",
     "resolve",
     "scheme",
+    "upload_dir",
     "with_scheme_of",
     "write_text_atomic",
 ]

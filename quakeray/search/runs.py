@@ -37,6 +37,7 @@ from quakeray.config import ExperimentConfig, replace
 from quakeray.search.finalizer import pending_runs
 from quakeray.search.space import trial_config
 from quakeray.tracking import outputs, tags
+from quakeray.train.session import CHECKPOINT_PATH_KEY
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -63,8 +64,9 @@ TrialStatus = Literal["running", "completed", "stopped", "failed", "cancelled"]
 RUN_KEY = "_mlflow_run_id"
 """Key of a trial's config holding its child run's id (set by the run opener)."""
 
-CHECKPOINT_KEY = "checkpoint_path"
-"""Key of a Tune result holding the checkpoint reported with it (Train's Tune callback)."""
+CHECKPOINT_KEY = CHECKPOINT_PATH_KEY
+"""Key of a Tune result holding the checkpoint reported with it (Train's Tune callback,
+or the loop itself in a trial's own process)."""
 
 MLFLOW_STATUS: dict[TrialStatus, tracking.RunStatus] = {
     "completed": "FINISHED",
@@ -137,15 +139,13 @@ def open_trial_run(
     run_name: str,
     extra_tags: Mapping[str, str] | None = None,
 ) -> str:
-    """Create the child run of a trial, or reopen it when Tune restarts the trial.
+    """Create the child run of a trial (a trial Tune restarts keeps its run: :data:`RUN_KEY`).
+
+    No lookup first: a search of thousands of trials must not search its runs per trial.
 
     Returns:
         The run id; the run is RUNNING with status tag ``running``.
     """
-    existing = find_trial_run(uri, experiment_id, parent_run_id, trial_id)
-    if existing is not None:
-        reopen_trial_run(uri, existing)
-        return str(existing.info.run_id)
     all_tags = {tags.ROLE: "trial", tags.TRIAL_ID: trial_id, tags.STATUS: "running"}
     all_tags.update(extra_tags or {})
     return tracking.start_run(
@@ -272,16 +272,19 @@ def close_open_children(
     """Close the runs still RUNNING as ``cancelled``, but for those being finalised.
 
     With ``tune_runs`` (the run ids of every trial Tune knows), a RUNNING run outside it
-    that holds no metric is deleted instead: a suggestion the searcher made, and opened a
-    run for, just before the driver died and before Tune saved it as a trial. The resumed
-    search suggests again; that run stood for no trial.
+    is deleted instead (MLflow's soft delete: ``mlflow runs restore`` brings it back): a
+    suggestion the searcher made, and opened a run for, after Tune last saved its state
+    and before the driver died. Tune restored the searcher as it was then, so the resumed
+    search suggests again and runs that trial anew; the run, even with the epochs a fast
+    trial logged meanwhile, stands for no trial of the search.
     """
     finalising = pending_runs()  # a second Ctrl-C cut the wait for them short
     client = tracking.mlflow_client(uri)
     for run in child_runs(uri, experiment_id, parent_run_id):
         if run.info.status != "RUNNING" or run.info.run_id in finalising:
             continue
-        if tune_runs is not None and run.info.run_id not in tune_runs and not run.data.metrics:
+        if tune_runs is not None and run.info.run_id not in tune_runs:
+            log.info("run %s stood for no trial Tune kept; deleted", run.info.run_id)
             client.delete_run(run.info.run_id)
         else:
             close_trial_run(uri, run.info.run_id, "cancelled")

@@ -1,9 +1,14 @@
-"""One Tune trial: the trial's config, a ``TorchTrainer`` fit, and (optionally) its test score.
+"""One Tune trial: the trial's config, its training, and (optionally) its test score.
 
-A trial is a function (Train V2's pattern): Tune calls :func:`search_trial` in the
-trial's own process with the sampled config; it builds a ``TorchTrainer`` whose workers
-report each epoch to Tune through Train's ``TuneReportCallback``. What a trial needs
-besides its sample is one :class:`TrialSetup`, shipped once through Ray's object store.
+A trial is a function: Tune calls :func:`search_trial` in the trial's own process with
+the sampled config. A multi-worker trial builds a ``TorchTrainer`` (Train V2's pattern)
+whose workers report each epoch to Tune through Train's ``TuneReportCallback``. A
+single-worker trial (``search.in_process_trials``) runs the same worker loop right there,
+reporting to Tune itself (:class:`~quakeray.train.session.TuneTrialSession`): no Train
+controller and worker group to start and stop, and Tune keeps the process for the next
+trial. Either way each epoch's checkpoint lands in ``<train_storage>/train-<trial id>``
+and reaches Tune as the same result. What a trial needs besides its sample is one
+:class:`TrialSetup`, shipped once through Ray's object store.
 """
 
 from __future__ import annotations
@@ -11,14 +16,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from quakeray.checkpoint import HISTORY_FILE, METRICS_FILE, checkpoint_dir_name, parse_history
+from quakeray.checkpoint import (
+    HISTORY_FILE,
+    METRICS_FILE,
+    checkpoint_dir_name,
+    latest_checkpoint_at,
+    parse_history,
+    read_metrics,
+)
 from quakeray.config import VARIANT_KEY, ExperimentConfig
 from quakeray.data.prepare import PreparedData
 from quakeray.errors import CheckpointError
 from quakeray.search.runs import CHECKPOINT_KEY, RUN_KEY
 from quakeray.search.space import sample_of, trial_config
 
-__all__ = ["TrialSetup", "search_trial"]
+__all__ = ["TrialSetup", "in_process", "search_trial", "trial_resources"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +42,32 @@ class TrialSetup:
     data: PreparedData
     train_storage: str  # Train runs go to <train_storage>/train-<trial id>
     test_trials: bool
+
+    @property
+    def in_process(self) -> bool:
+        """Whether trials train in their own process (one worker; no Train worker group)."""
+        return in_process(self.base)
+
+
+def in_process(cfg: ExperimentConfig) -> bool:
+    """Whether a search of ``cfg`` trains each trial in the trial's own process."""
+    return cfg.search.in_process_trials and cfg.scaling.num_workers == 1
+
+
+def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
+    """What Tune reserves for a trial's own process.
+
+    A trial that trains in its process holds its one worker's share too (the same total
+    as the trial process plus a one-worker group, so as many trials run at once); a
+    worker group reserves its own.
+    """
+    if not in_process(cfg):
+        return {"cpu": cfg.search.trial_cpus}
+    sc = cfg.scaling
+    resources = {"cpu": cfg.search.trial_cpus + sc.cpus_per_worker}
+    if sc.use_gpu:
+        resources["gpu"] = sc.gpus_per_worker
+    return resources
 
 
 def search_trial(config: dict[str, Any], *, setup: TrialSetup) -> None:
@@ -44,7 +82,12 @@ def search_trial(config: dict[str, Any], *, setup: TrialSetup) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from quakeray import storage
-    from quakeray.train import best_checkpoint_path, build_trainer
+    from quakeray.train import (
+        best_checkpoint_path,
+        build_trainer,
+        loop_config,
+        train_loop_per_worker,
+    )
 
     trial_id = tune.get_context().get_trial_id()
     run_id = str(config[RUN_KEY])
@@ -58,7 +101,7 @@ def search_trial(config: dict[str, Any], *, setup: TrialSetup) -> None:
         check_model(cfg, setup.data)
     name = f"train-{trial_id}"
     run_dir = storage.join(setup.train_storage, name)
-    latest = _latest_checkpoint(run_dir, cfg.optim.epochs)
+    latest = latest_checkpoint_at(run_dir)
     if latest is not None:
         # Tune restarted the trial (a resumed search). The driver may have died after
         # Train persisted epochs and before Tune and its scheduler recorded them (Tune
@@ -66,12 +109,31 @@ def search_trial(config: dict[str, Any], *, setup: TrialSetup) -> None:
         # decides on each as it would have (the driver logs each epoch once). And when
         # the last epoch is done, Train has nothing left to run and would report nothing,
         # which Tune takes for a trial without its metric.
-        folder, epoch = latest
-        _report_again(run_dir, folder)
+        epoch = _epoch_of(latest)
+        _report_again(run_dir, latest)
         if epoch == cfg.optim.epochs - 1:
             best = best_checkpoint_path(None, run_dir=run_dir, metric=cfg.run.checkpoint_metric)
-            _test_if_asked(setup, best or folder, run_id, last_epoch=epoch)
+            _test_if_asked(setup, best or latest, run_id, last_epoch=epoch)
             return
+    if setup.in_process:
+        # The worker loop right here, continuing from the newest checkpoint if any.
+        train_loop_per_worker(
+            loop_config(
+                cfg,
+                data=setup.data,
+                run_dir=run_dir,
+                tracking_uri=setup.tracking_uri,
+                mlflow_run_id=run_id,
+                log_metrics=False,  # the driver logs what Tune receives
+                in_trial=True,
+            )
+        )
+        best = best_checkpoint_path(None, run_dir=run_dir, metric=cfg.run.checkpoint_metric)
+        if best is None:
+            raise CheckpointError(f"trial {trial_id} wrote no checkpoint under {run_dir}")
+        last = latest_checkpoint_at(run_dir) or best
+        _test_if_asked(setup, best, run_id, last_epoch=_epoch_of(last))
+        return
     trainer = build_trainer(
         cfg,
         data=setup.data,
@@ -103,20 +165,9 @@ def _report_again(run_dir: str, latest: str) -> None:
         tune.report(result)
 
 
-def _latest_checkpoint(run_dir: str, epochs: int) -> tuple[str, int] | None:
-    """The run's newest checkpoint and its epoch, or None for a run not started.
-
-    Looked up by name from the last epoch down (no listing: ``s3://`` has none cheap).
-    """
-    from quakeray import storage
-
-    if not storage.is_dir(run_dir):
-        return None
-    for epoch in range(epochs - 1, -1, -1):
-        folder = storage.join(run_dir, checkpoint_dir_name(epoch))
-        if storage.is_file(storage.join(folder, METRICS_FILE)):
-            return folder, epoch
-    return None
+def _epoch_of(folder: str) -> int:
+    """The (0-based) epoch of a checkpoint folder, from its metrics."""
+    return int(read_metrics(folder).get("epoch") or 0)
 
 
 def _test_if_asked(setup: TrialSetup, best: str, run_id: str, *, last_epoch: int) -> None:

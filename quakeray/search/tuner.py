@@ -23,7 +23,7 @@ from quakeray.search.finalizer import wait_for_finalizers
 from quakeray.search.runs import close_open_children
 from quakeray.search.state import TRAIN_SUBDIR
 from quakeray.search.tracker import TrialRunOpener, TrialRunTracker
-from quakeray.search.trial import TrialSetup, search_trial
+from quakeray.search.trial import TrialSetup, in_process, search_trial, trial_resources
 
 if TYPE_CHECKING:
     from ray.tune import ResultGrid, Tuner
@@ -56,7 +56,7 @@ def trainable(search: Search, *, test_trials: bool) -> Any:
         test_trials=test_trials,
     )
     return tune.with_resources(
-        tune.with_parameters(search_trial, setup=setup), {"cpu": search.cfg.search.trial_cpus}
+        tune.with_parameters(search_trial, setup=setup), trial_resources(search.cfg)
     )
 
 
@@ -102,6 +102,9 @@ def new_tuner(
             metric=s.metric,
             mode=s.mode,
             num_samples=num_samples,
+            # A trial that trains in its own process leaves it warm for the next one
+            # (torch, timm and the open data file): most of what a trial start costs.
+            reuse_actors=in_process(search.cfg),
         ),
         run_config=tune.RunConfig(
             name=storage.name(folder),

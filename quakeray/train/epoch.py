@@ -23,7 +23,7 @@ import torch.distributed as dist
 from quakeray.checkpoint import Predictions
 from quakeray.inference import PREDICTION_FIELDS, predict_batches
 from quakeray.metrics import split_metrics
-from quakeray.train.parts import LoopData, ModelParts
+from quakeray.train.parts import BATCH_LAYOUT, LoopData, ModelParts
 
 __all__ = [
     "EpochTotals",
@@ -59,7 +59,7 @@ def train_epoch(
     world = dist.get_world_size() if distributed else 1
     t_start = time.perf_counter()
     for batch in data.train_loader:
-        x = data.transform(batch["image"].to(device, non_blocking=True))
+        x = data.transform(batch["image"].to(device, non_blocking=True), layout=BATCH_LAYOUT)
         y = batch["magnitude"].to(device, non_blocking=True).float()
         with torch.autocast(
             device.type, dtype=parts.amp_dtype or torch.float32, enabled=parts.amp_dtype is not None
@@ -108,6 +108,7 @@ def gather_predictions(parts: ModelParts, data: LoopData, *, distributed: bool) 
         data.val_loader,
         parts.device,
         autocast_dtype=parts.amp_dtype,
+        layout=BATCH_LAYOUT,
     )
     indices = list(iter(data.val_sampler))
     shards: list[Any] = [(indices, local)]

@@ -1,9 +1,11 @@
-"""The worker loop: what every Ray Train worker runs (in-process with ``num_workers=0``).
+"""The worker loop: what every Ray Train worker runs, and a single-worker search trial too.
 
 It reads like nanoGPT's loop: set up, resume, then per epoch train, validate with exact
 metrics gathered from all ranks, checkpoint (rank 0) and report (every rank), log (rank
-0). The parts live beside it: :mod:`.parts` (set-up), :mod:`.epoch` (one epoch). What the
-driver hands the workers is one typed, frozen :class:`LoopConfig`.
+0). The parts live beside it: :mod:`.parts` (set-up), :mod:`.epoch` (one epoch), and
+:mod:`.session` (what runs the loop: a Ray Train worker, Train's in-process local mode
+with ``num_workers=0``, or a Tune trial's own process). What the driver hands the loop is
+one typed, frozen :class:`LoopConfig`.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import logging
 import sys
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
+from quakeray import storage
 from quakeray.checkpoint import (
     Predictions,
     build_state,
@@ -39,6 +41,7 @@ from quakeray.train.parts import (
     build_model_parts,
     resume,
 )
+from quakeray.train.session import LoopSession, session_for
 
 if TYPE_CHECKING:
     from quakeray.tracking.outage import EpochLog
@@ -55,29 +58,35 @@ class LoopConfig:
     tracking_uri: str  # absolute MLflow URI (recorded in checkpoints; rank 0 logs there)
     mlflow_run_id: str = ""  # the run this training belongs to; "" = none
     log_metrics: bool = True  # rank 0 logs each epoch (a search's driver logs what Tune gets)
-    resume_from: str = ""  # --resume checkpoint folder, used when Ray has none of its own
-    local_checkpoint_dir: str = ""  # in-process run: the loop writes checkpoints here itself
+    resume_from: str = ""  # checkpoint folder to continue from when Ray has none of its own
+    # Without a worker group (Train's local mode, a trial in its own process) nothing
+    # persists checkpoints for the loop: it writes them here itself (a path or a URI).
+    checkpoint_dir: str = ""
+    in_trial: bool = False  # the loop runs in a Tune trial's own process and reports to Tune
     progress_bar: bool = False  # bars for a person at a terminal; logs get one line per epoch
     ray_log_level: str = "INFO"  # the lowest level of Ray's lines on this worker's console
+
+    @property
+    def on_driver(self) -> bool:
+        """Whether the loop runs in the process a person started (Train's local mode)."""
+        return bool(self.checkpoint_dir) and not self.in_trial
 
 
 def train_loop_per_worker(spec: LoopConfig) -> None:
     """One Ray Train worker: train, validate exactly, checkpoint (rank 0), report, log."""
-    import ray.train
-    import ray.train.torch
     import torch.distributed as dist
 
     cfg, epochs = spec.config, spec.config.optim.epochs
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    session = session_for(spec.in_trial, use_gpu=cfg.scaling.use_gpu)
+    rank, world = session.rank, session.world
     master = rank == 0  # only the master process logs and checkpoints
     distributed = world > 1 and dist.is_available() and dist.is_initialized()
-    device = ray.train.torch.get_device()
     _quiet_console(spec)
 
-    data = build_data(cfg, spec.data, rank=rank, world=world, device=device)
-    parts = build_model_parts(cfg, data, rank=rank, device=device)
-    progress, state, restarted = resume(parts, spec.resume_from, metric=cfg.run.checkpoint_metric)
+    data = build_data(cfg, spec.data, rank=rank, world=world, device=session.device)
+    parts = build_model_parts(cfg, data, session)
+    metric = cfg.run.checkpoint_metric
+    progress, state, restarted = resume(parts, spec.resume_from, session, metric=metric)
     logger = _epoch_logger(spec) if master else None
     if logger is not None and restarted and state is not None:
         # Crashed between report and log: the checkpointed epoch's point may be missing.
@@ -88,14 +97,14 @@ def train_loop_per_worker(spec: LoopConfig) -> None:
             len(data.train_sampler) * world,  # samples of all ranks: global samples/s
             f"epoch {epoch + 1}/{epochs}",
             enabled=master and spec.progress_bar,
-            in_process=bool(spec.local_checkpoint_dir),
+            in_process=spec.on_driver,
         )
         totals = train_epoch(parts, data, epoch, distributed=distributed, bar=bar)
         bar.close()
         predictions = gather_predictions(parts, data, distributed=distributed)
         metrics = epoch_metrics(epoch, totals, predictions, parts, data)
         progress.record(metrics)
-        _checkpoint_and_report(spec, parts, data, progress, predictions, master=master)
+        _checkpoint_and_report(spec, session, parts, data, progress, predictions)
         if master:
             # Logged after report: a point in MLflow means its checkpoint is persisted.
             if logger is not None:
@@ -110,22 +119,22 @@ def train_loop_per_worker(spec: LoopConfig) -> None:
 
 def _checkpoint_and_report(
     spec: LoopConfig,
+    session: LoopSession,
     parts: ModelParts,
     data: LoopData,
     progress: Progress,
     predictions: Predictions,
-    *,
-    master: bool,
 ) -> None:
-    """Rank 0 writes the epoch's checkpoint; every rank reports (Ray needs as many reports)."""
-    import ray.train
+    """Rank 0 writes the epoch's checkpoint; every rank reports (Ray needs as many reports).
 
+    In a worker group Ray persists the checkpoint (and keeps the best k); without one
+    the loop uploads it to ``spec.checkpoint_dir`` and prunes the folder itself, before
+    the report, so a reported checkpoint always exists.
+    """
     epoch, metrics = progress.next_epoch - 1, progress.history[-1]
-    local_dir = spec.local_checkpoint_dir
+    staged, persisted = None, ""
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if master:
-            folder = Path(local_dir) / checkpoint_dir_name(epoch) if local_dir else Path(tmp)
+        if session.rank == 0:
             state = build_state(
                 model=parts.raw_model,
                 optimizer=parts.optimizer,
@@ -142,19 +151,21 @@ def _checkpoint_and_report(
                 data_path=spec.data.path,
                 mlflow_run_id=spec.mlflow_run_id,
                 tracking_uri=spec.tracking_uri,
-                world_size=ray.train.get_context().get_world_size(),
+                world_size=session.world,
                 baseline=data.baseline,
             )
-            save_checkpoint(
-                folder, state, metrics=metrics, predictions=predictions, history=progress.history
+            staged = save_checkpoint(
+                tmp, state, metrics=metrics, predictions=predictions, history=progress.history
             )
-            checkpoint = ray.train.Checkpoint.from_directory(str(folder))
-        ray.train.report(
-            metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(epoch)
-        )
-    if master and local_dir:
-        run = spec.config.run
-        prune_checkpoints(local_dir, run.checkpoints_to_keep, metric=run.checkpoint_metric)
+            if spec.checkpoint_dir:
+                persisted = storage.join(spec.checkpoint_dir, checkpoint_dir_name(epoch))
+                storage.upload_dir(staged, persisted)
+                run = spec.config.run
+                prune_checkpoints(
+                    spec.checkpoint_dir, run.checkpoints_to_keep, metric=run.checkpoint_metric
+                )
+                staged = None
+        session.report(metrics, staged=staged, persisted=persisted)
 
 
 def _quiet_console(spec: LoopConfig) -> None:
@@ -166,7 +177,7 @@ def _quiet_console(spec: LoopConfig) -> None:
     process (``num_workers=0``): the console is the driver's own.
     """
     threshold = logging.getLevelName(spec.ray_log_level.upper())
-    if spec.local_checkpoint_dir or not isinstance(threshold, int) or threshold <= logging.INFO:
+    if spec.on_driver or not isinstance(threshold, int) or threshold <= logging.INFO:
         return
 
     def shown(record: logging.LogRecord) -> bool:

@@ -20,13 +20,15 @@ from torch.utils.data import DataLoader, DistributedSampler
 from quakeray.checkpoint import load_checkpoint
 from quakeray.config import ExperimentConfig, replace
 from quakeray.data.prepare import PreparedData, train_subset
-from quakeray.data.quakeset import QuakeSetDataset, collate
+from quakeray.data.quakeset import Layout, QuakeSetDataset, collate
 from quakeray.data.transforms import BatchTransform, ChannelStats, build_transform
 from quakeray.losses import JointLoss, build_loss
 from quakeray.metrics import SCORE_METRIC, ConstantBaseline
 from quakeray.optim import build_optimizer
+from quakeray.train.session import LoopSession
 
 __all__ = [
+    "BATCH_LAYOUT",
     "LoopData",
     "ModelParts",
     "Progress",
@@ -36,6 +38,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+BATCH_LAYOUT: Layout = "raw"
+"""The layout the loop's datasets read: each array ``read_direct`` into its place in the batch."""
 
 
 @dataclass
@@ -98,10 +103,16 @@ def build_data(
 
     stats = ChannelStats.load(data.stats_path) if data.stats_path else None
     positives_only = cfg.data.positives_only
+    # The raw layout (as stored: read straight into the batch); the transform's first pass
+    # puts it in the model's channel order (epoch.py passes BATCH_LAYOUT to it).
     train_set = QuakeSetDataset(
-        data.path, "train", positives_only=positives_only, events=train_subset(cfg, data.path)
+        data.path,
+        "train",
+        positives_only=positives_only,
+        events=train_subset(cfg, data.path),
+        layout=BATCH_LAYOUT,
     )
-    val_set = QuakeSetDataset(data.path, "val", positives_only=positives_only)
+    val_set = QuakeSetDataset(data.path, "val", positives_only=positives_only, layout=BATCH_LAYOUT)
     native = int(train_set.image_size[0])
     img_size = input_size_for(cfg.model, cfg.data.image_size or native)
     resize_to = img_size if img_size != native else 0
@@ -141,12 +152,8 @@ def build_data(
     )
 
 
-def build_model_parts(
-    cfg: ExperimentConfig, data: LoopData, *, rank: int, device: torch.device
-) -> ModelParts:
-    """The model (DDP-prepared by Ray), the joint loss, and the paper's AdamW + one-cycle."""
-    import ray.train.torch
-
+def build_model_parts(cfg: ExperimentConfig, data: LoopData, session: LoopSession) -> ModelParts:
+    """The model (on the device; DDP-wrapped by Ray Train), the joint loss, AdamW + one-cycle."""
     # timm (1-2 s to import) only here: a search trial's process imports this module to
     # build its trainer and never builds a model itself.
     from quakeray.models import build_model
@@ -157,12 +164,12 @@ def build_model_parts(
     if cfg.model.standardize_target:
         targets = data.train_targets.astype(np.float64)
         regressor.set_target_scale(float(targets.mean()), float(targets.std()) or 1.0)
-    model = ray.train.torch.prepare_model(regressor)
+    model = session.prepare_model(regressor)
     raw_model: torch.nn.Module = getattr(model, "module", model)
-    torch.manual_seed(opt.seed + rank)  # flips and dropout differ per rank
+    torch.manual_seed(opt.seed + session.rank)  # flips and dropout differ per rank
     pairing = "all" if cfg.loss.pairing == "global" else cfg.loss.pairing
     optimizer, scheduler = build_optimizer(raw_model, opt, len(data.train_loader))
-    amp_dtype = _amp_dtype(opt.precision, device)
+    amp_dtype = _amp_dtype(opt.precision, session.device)
     return ModelParts(
         model=model,
         raw_model=raw_model,
@@ -172,33 +179,31 @@ def build_model_parts(
         ),
         optimizer=optimizer,
         scheduler=scheduler,
-        scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16),
+        scaler=torch.amp.GradScaler(session.device.type, enabled=amp_dtype is torch.float16),
         amp_dtype=amp_dtype,
         grad_clip=opt.grad_clip,
-        device=device,
+        device=session.device,
     )
 
 
 def resume(
-    parts: ModelParts, resume_from: str, *, metric: str = SCORE_METRIC
+    parts: ModelParts, resume_from: str, session: LoopSession, *, metric: str = SCORE_METRIC
 ) -> tuple[Progress, dict[str, Any] | None, bool]:
     """Load the checkpoint to continue from into ``parts``.
 
-    Ray's latest checkpoint of this run comes first (a worker group restarted after a
-    failure, or a rerun of the same run name), else ``resume_from`` (``--resume``).
+    The runner's own latest checkpoint of this run comes first (Ray Train's, after a
+    worker group restarted or on a rerun of the same run name), else ``resume_from``
+    (``--resume``, or the trial's last checkpoint when Tune restarts a trial).
     ``metric`` ranks the epochs (``run.checkpoint_metric``).
 
     Returns:
         (progress, the loaded state or None, whether Ray restarted this run).
     """
-    import ray.train
-
     state, restarted = None, False
-    ray_checkpoint = ray.train.get_checkpoint()
-    if ray_checkpoint is not None:
-        with ray_checkpoint.as_directory() as folder:
+    with session.restored_checkpoint() as folder:
+        if folder is not None:
             state, restarted = load_checkpoint(folder), True
-    elif resume_from:
+    if state is None and resume_from:
         state = load_checkpoint(resume_from)
     if state is None:
         return Progress(metric=metric), None, False

@@ -13,14 +13,12 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quakeray import storage
-from quakeray.checkpoint import best_checkpoint_at, find_checkpoints
+from quakeray.checkpoint import best_checkpoint_at, latest_checkpoint_at
 from quakeray.config import ExperimentConfig
 from quakeray.data.prepare import PreparedData
 from quakeray.errors import QuakerayError
@@ -30,7 +28,7 @@ from quakeray.train.loop import LoopConfig, train_loop_per_worker
 if TYPE_CHECKING:
     import ray.train.torch
 
-__all__ = ["best_checkpoint_path", "build_trainer", "fit"]
+__all__ = ["best_checkpoint_path", "build_trainer", "fit", "loop_config"]
 
 
 def build_trainer(
@@ -75,26 +73,14 @@ def build_trainer(
     # calls fit() and passes it on to the controller.
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(sc.poll_interval_s)
     location = storage.resolve(storage_path)
-    local_dir = ""
-    if sc.num_workers == 0:
-        # Local mode does not persist checkpoints: the loop writes them where Ray would.
-        base = tempfile.mkdtemp(prefix="quakeray-") if storage.is_remote(location) else location
-        local_dir = str(Path(base) / name)
-        # ... and resumes from them as Ray would from its own storage (a rerun of a name).
-        earlier = find_checkpoints(local_dir)
-        if earlier and not resume_from:
-            resume_from = str(earlier[-1])
-    spec = LoopConfig(
-        config=cfg,
+    spec = loop_config(
+        cfg,
         data=data,
+        run_dir=storage.join(location, name),
         tracking_uri=tracking_uri,
-        mlflow_run_id=mlflow_run_id or "",
+        mlflow_run_id=mlflow_run_id,
         log_metrics=log_metrics,
-        resume_from=resume_from or "",
-        local_checkpoint_dir=local_dir,
-        # Bars only for a person at a terminal: in logs (Ray jobs, Tune trials, CI) every
-        # redraw becomes a line; the per-epoch summary line carries samples/s anyway.
-        progress_bar=sys.stderr.isatty(),
+        resume_from=resume_from,
         ray_log_level=ray_log_level,
     )
     resources: dict[str, float] = {"CPU": sc.cpus_per_worker}
@@ -124,6 +110,45 @@ def build_trainer(
             # Train V2's RunConfig (RAY_TRAIN_V2_ENABLED); its stubs are V1's.
             logging_config=ray.train.LoggingConfig(log_level=ray_log_level),
         ),  # type: ignore[call-arg]
+    )
+
+
+def loop_config(
+    cfg: ExperimentConfig,
+    *,
+    data: PreparedData,
+    run_dir: str,
+    tracking_uri: str,
+    mlflow_run_id: str | None,
+    log_metrics: bool = True,
+    resume_from: str | None = None,
+    in_trial: bool = False,
+    ray_log_level: str = "INFO",
+) -> LoopConfig:
+    """The loop's contract for one run whose checkpoints go to ``run_dir``.
+
+    Without a worker group (Train's local mode, ``num_workers=0``; a trial in its own
+    process, ``in_trial``) nothing persists checkpoints for the loop: it writes them to
+    ``run_dir`` itself and continues from the newest one there, as Ray Train would from
+    its own storage on a rerun of the same name. Arguments as :func:`build_trainer`'s.
+    """
+    checkpoint_dir = ""
+    if in_trial or cfg.scaling.num_workers == 0:
+        checkpoint_dir = run_dir
+        resume_from = resume_from or latest_checkpoint_at(run_dir)
+    return LoopConfig(
+        config=cfg,
+        data=data,
+        tracking_uri=tracking_uri,
+        mlflow_run_id=mlflow_run_id or "",
+        log_metrics=log_metrics,
+        resume_from=resume_from or "",
+        checkpoint_dir=checkpoint_dir,
+        in_trial=in_trial,
+        # Bars only for a person at a terminal: in logs (Ray jobs, Tune trials, CI) every
+        # redraw becomes a line; the per-epoch summary line carries samples/s anyway.
+        progress_bar=sys.stderr.isatty(),
+        ray_log_level=ray_log_level,
     )
 
 

@@ -1,10 +1,11 @@
 """Real searches on a real local Ray: Tune + Optuna + ASHA + Train, every trial in MLflow.
 
-Two searches share the module's Ray (each trial starts a worker group, ~20 s here):
+Searches share the module's Ray:
 
 - a TPE search with ASHA, 4 trials, 3 epochs: the reference points learn (lr 1e-2) while
   the sampled trials barely move (lr from [1e-9, 1e-8], same seed and init), so ASHA
-  must stop the sampled ones after their first epoch. Most assertions share it;
+  must stop the sampled ones after their first epoch. Most assertions share it, run
+  twice: single-worker trials in the trial's own process, and in a Train worker group;
 - a 2-point grid where one trial names a backbone timm lacks: it fails, the search goes on.
 """
 
@@ -52,8 +53,15 @@ def _base(root: Path, data: Path, uri: str, name: str) -> list[str]:
     ]
 
 
-@pytest.fixture(scope="module")
-def searched(ray_local: None, tiny_h5: Path, tmp_path_factory: pytest.TempPathFactory) -> Searched:
+@pytest.fixture(scope="module", params=["in_process", "worker_group"])
+def searched(
+    request: pytest.FixtureRequest,
+    ray_local: None,
+    tiny_h5: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Searched:
+    # Both ways to run a single-worker trial: in the trial's own process (the default),
+    # and in Ray Train's worker group (as multi-worker trials are) must look the same.
     root = tmp_path_factory.mktemp("search")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     cfg = load_config(
@@ -66,6 +74,7 @@ def searched(ray_local: None, tiny_h5: Path, tmp_path_factory: pytest.TempPathFa
             "search.grace_period=1",
             "search.reduction_factor=2",
             "search.space.optim.lr={kind: loguniform, low: 1.0e-9, high: 1.0e-8}",
+            f"search.in_process_trials={request.param == 'in_process'}",
         ],
     )
     summary = run_search(cfg)
