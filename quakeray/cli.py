@@ -60,6 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from quakeray.runtime import set_verbose
 
     set_verbose(args.verbose or args.debug)
+    if not (args.verbose or args.debug):
+        # Libraries' INFO chatter is not ours to print (botocore announces where it found
+        # AWS credentials whenever rasterio or pyarrow opens a session).
+        for name in ("botocore", "boto3", "s3transfer", "urllib3"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()
