@@ -61,9 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     set_verbose(args.verbose or args.debug)
     if not (args.verbose or args.debug):
-        # Libraries' INFO chatter is not ours to print (botocore announces where it found
-        # AWS credentials whenever rasterio or pyarrow opens a session).
-        for name in ("botocore", "boto3", "s3transfer", "urllib3"):
+        # Libraries' INFO chatter is not ours to print: botocore announces where it found
+        # AWS credentials whenever rasterio or pyarrow opens a session, MLflow the tables
+        # of a new store (Optuna's: search/searchers.py). Their warnings still show.
+        for name in ("botocore", "boto3", "s3transfer", "urllib3", "mlflow.store"):
             logging.getLogger(name).setLevel(logging.WARNING)
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:

@@ -6,15 +6,20 @@ from pathlib import Path
 
 import pytest
 
+from quakeray import storage
 from quakeray.checkpoint import (
     best_checkpoint,
+    best_checkpoint_at,
     checkpoint_dir_name,
     find_checkpoints,
+    latest_checkpoint_at,
     prune_checkpoints,
     ranking_metric,
+    read_metrics,
     save_checkpoint,
 )
 from quakeray.config import load_config, to_dict
+from tests.conftest import S3Server
 
 # val_MAE and val_loss disagree: epoch 1 has the best MAE, epoch 2 the best loss.
 EPOCHS = [
@@ -44,6 +49,35 @@ def test_the_run_s_own_metric_picks_and_prunes(
     prune_checkpoints(run, keep=1, metric=metric)
     kept = {f.name for f in find_checkpoints(run)}
     assert kept == {checkpoint_dir_name(best_epoch), checkpoint_dir_name(3)}  # best + latest
+
+
+def test_a_run_in_a_bucket_is_uploaded_ranked_and_pruned_as_a_local_one(
+    s3_server: S3Server, tmp_path: Path
+) -> None:
+    # What the loop does without a worker group (no Ray Train to persist for it).
+    local = _run(tmp_path / "local", "val_MAE")
+    run = s3_server.uri("prune-test/run")
+    for folder in find_checkpoints(local):
+        storage.upload_dir(folder, storage.join(run, folder.name))
+    storage.upload_dir(find_checkpoints(local)[0], storage.join(run, checkpoint_dir_name(0)))
+    assert latest_checkpoint_at(run) == storage.join(run, checkpoint_dir_name(3))
+    assert best_checkpoint_at(run, "val_MAE") == storage.join(run, checkpoint_dir_name(1))
+    prune_checkpoints(run, keep=1, metric="val_MAE")
+    assert storage.list_dir(run) == [checkpoint_dir_name(1), checkpoint_dir_name(3)]
+    assert read_metrics(storage.join(run, checkpoint_dir_name(1)))["val_MAE"] == 0.5
+
+
+def test_a_local_upload_replaces_a_folder_whole(tmp_path: Path) -> None:
+    run = _run(tmp_path / "run", "val_MAE")
+    target = tmp_path / "copy" / checkpoint_dir_name(0)
+    storage.upload_dir(run / checkpoint_dir_name(0), str(target))
+    (target / "stale.txt").write_text("from an earlier write")
+    storage.upload_dir(run / checkpoint_dir_name(1), str(target))
+    assert sorted(p.name for p in target.iterdir()) == sorted(
+        p.name for p in (run / checkpoint_dir_name(1)).iterdir()
+    )
+    assert read_metrics(target)["val_MAE"] == 0.5
+    assert [p.name for p in target.parent.iterdir()] == [target.name]  # no staging left
 
 
 def test_a_checkpoint_from_before_the_setting_ranks_by_val_mae(tmp_path: Path) -> None:

@@ -70,8 +70,11 @@ def build_searcher(cfg: ExperimentConfig, *, study_name: str, fresh: bool = True
     else:
         import optuna
 
+        from quakeray.runtime import is_verbose
         from quakeray.search.study import StudySearch
 
+        if not is_verbose():  # "A new study created ...": Optuna sets INFO on its import
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
         storage = _optuna_storage(s.optuna_storage, study_name, fresh=fresh)
         inner = StudySearch(
             space=optuna_space(s.space),

@@ -136,16 +136,20 @@ def test_search_on_s3_with_defaults_evaluates_registers_and_resumes(
     assert len(child_runs(uri, summary.experiment_id, summary.parent_run_id)) == 2
 
 
+@pytest.mark.parametrize("workers", [1, 0], ids=["worker-group", "in-process"])
 def test_train_resume_from_a_checkpoint_in_the_bucket(
-    bucket_ray: S3Server, tiny_h5: Path, tmp_path: Path
+    bucket_ray: S3Server, tiny_h5: Path, tmp_path: Path, workers: int
 ) -> None:
+    # In process (num_workers=0) nothing persists checkpoints for the loop: it uploads
+    # them to the bucket itself, where Ray Train's worker group would have put them.
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    prefix = bucket_ray.uri(f"train-{workers}")
     base = [
         f"data.path={tiny_h5}",
-        f"run.storage_path={bucket_ray.uri('train')}",
+        f"run.storage_path={prefix}",
         f"tracking.uri={uri}",
         "model.backbone=test_resnet",
-        "scaling.num_workers=1",
+        f"scaling.num_workers={workers}",
         "scaling.cpus_per_worker=0.5",
         "optim.batch_size=8",
         "optim.epochs=2",
@@ -153,7 +157,7 @@ def test_train_resume_from_a_checkpoint_in_the_bucket(
     ]
     first = run_training(load_config(None, [*base, "run.name=first"]))
     assert first.best_checkpoint and first.best_checkpoint.startswith("s3://")
-    epoch0 = f"{bucket_ray.uri('train')}/first/checkpoint_epoch_0000"
+    epoch0 = f"{prefix}/first/checkpoint_epoch_0000"
     assert storage.is_file(f"{epoch0}/checkpoint.pt")
     second = run_training(load_config(None, [*base, "run.name=second"]), resume=epoch0)
     history = MlflowClient(tracking_uri=uri).get_metric_history(second.mlflow_run_id, "val_MAE")
