@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -372,15 +373,20 @@ def dump_config(cfg: ExperimentConfig, path: str | Path) -> Path:
 
 def field_paths(cls: type = ExperimentConfig, prefix: str = "") -> list[str]:
     """All dotted leaf field names of a config dataclass, e.g. ``loss.margin``."""
+    return list(_field_paths(cls, prefix))
+
+
+@functools.cache
+def _field_paths(cls: type, prefix: str) -> tuple[str, ...]:
     paths: list[str] = []
     for f in dataclasses.fields(cls):
         sub = _dataclass_type(cls, f.name)
         name = f"{prefix}{f.name}"
         if sub is not None:
-            paths.extend(field_paths(sub, prefix=f"{name}."))
+            paths.extend(_field_paths(sub, f"{name}."))
         else:
             paths.append(name)
-    return paths
+    return tuple(paths)
 
 
 def validate_config(cfg: ExperimentConfig) -> None:
@@ -551,7 +557,10 @@ def _dataclass_type(cls: type, name: str) -> type | None:
     return hint if isinstance(hint, type) and dataclasses.is_dataclass(hint) else None
 
 
+@functools.cache
 def _type_hints(cls: type) -> dict[str, Any]:
+    # Resolved once per class: get_type_hints evaluates every annotation string anew, and
+    # a search resolves a trial's config several times per trial (a fifth of the driver).
     import typing
 
     return typing.get_type_hints(cls)

@@ -376,8 +376,14 @@ def runs_view_link(uri: str, experiment_id: str) -> str:
     return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
+@functools.lru_cache(maxsize=16)
 def mlflow_client(uri: str) -> MlflowClient:
-    """An ``MlflowClient`` bound to ``uri`` (mlflow imported on first use)."""
+    """An ``MlflowClient`` bound to ``uri`` (mlflow imported on first use), one per URI.
+
+    Built once: a search asks for one per MLflow call, dozens per trial, and each new
+    client resolves its stores again. MLflow's clients are safe to share across threads
+    (the finaliser thread's and Tune's); credentials are read per request.
+    """
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
