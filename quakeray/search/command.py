@@ -70,6 +70,7 @@ from quakeray.search.state import (
     write_state,
 )
 from quakeray.search.tuner import Search, fit, new_tuner, restored_tuner
+from quakeray.search.unsaved import offer_unsaved_trials
 from quakeray.tracking import tags
 
 if TYPE_CHECKING:
@@ -133,6 +134,14 @@ def _search(
     if resumed:
         search = _reopen(cfg, *resumed, data=data)
         tuner = restored_tuner(search, folder=search.folder, test_trials=cfg.search.test_trials)
+        saved = tuner.get_results()  # the trials Tune saved (read from the folder, no fit)
+        offer_unsaved_trials(
+            search.folder,
+            search.uri,
+            search.experiment_id,
+            search.parent,
+            known_run_ids={str(c[RUN_KEY]) for c in _configs(saved) if c.get(RUN_KEY)},
+        )
     else:
         search, searcher = _start(cfg, uri, data)
         hold.enter_context(_claimed(search.folder))
@@ -259,6 +268,11 @@ def _reopen(
 # --------------------------------------------------------------------------- the end
 
 
+def _configs(results: ResultGrid) -> list[dict[str, Any]]:
+    """The config of every trial in a ``ResultGrid`` (indexed only)."""
+    return [dict(getattr(results[i], "config", None) or {}) for i in range(len(results))]
+
+
 def _finish(search: Search, results: ResultGrid) -> SearchSummary:
     """Close every trial run, log the results to the parent, pick and test the best."""
     cfg, s = search.cfg, search.cfg.search
@@ -271,8 +285,7 @@ def _finish(search: Search, results: ResultGrid) -> SearchSummary:
         train_storage=storage.join(search.folder, TRAIN_SUBDIR),
     )
     # Nobody stays RUNNING, whatever happened.
-    configs = (getattr(results[i], "config", None) or {} for i in range(len(results)))
-    tune_runs = {str(c[RUN_KEY]) for c in configs if c.get(RUN_KEY)}
+    tune_runs = {str(c[RUN_KEY]) for c in _configs(results) if c.get(RUN_KEY)}
     close_open_children(search.uri, search.experiment_id, search.parent, tune_runs=tune_runs)
     shown = [*s.space, *(k for p in reference_points(cfg) for k in p.values)]
     runs = child_runs(search.uri, search.experiment_id, search.parent)

@@ -39,6 +39,7 @@ from quakeray.search.space import (
     trial_params,
     varying_fields,
 )
+from quakeray.search.unsaved import TRAIN_KEY, take_unsaved_trial
 from quakeray.tracking import tags
 from quakeray.tracking.datasets import log_dataset
 
@@ -84,7 +85,17 @@ class TrialRunOpener(SearcherWrapper):
         config = self.searcher.suggest(trial_id)
         if not isinstance(config, dict):  # None (wait) or Searcher.FINISHED
             return config  # type: ignore[no-any-return]
-        run_id = self._open(trial_id, config)
+        unsaved = take_unsaved_trial(self.parent_run_id, self.base, config)
+        if unsaved is not None:  # a resumed search: that trial ran; continue it, in its run
+            run_id, earlier = unsaved
+            log.info("trial %s continues trial %s (run %s)", trial_id, earlier, run_id)
+            config = {**config, TRAIN_KEY: earlier}
+            # The run is this trial's now (the search's tables join runs to Tune's trials).
+            tracking.RunLogger(self.uri, run_id).set_tags(
+                {tags.TRIAL_ID: trial_id, tags.CONTINUES: earlier}
+            )
+        else:
+            run_id = self._open(trial_id, config)
         attrs = {
             "tune_trial_id": trial_id,
             "mlflow_run_id": run_id,

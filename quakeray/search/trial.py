@@ -29,6 +29,7 @@ from quakeray.data.prepare import PreparedData
 from quakeray.errors import CheckpointError
 from quakeray.search.runs import CHECKPOINT_KEY, RUN_KEY
 from quakeray.search.space import sample_of, trial_config
+from quakeray.search.unsaved import train_name
 
 __all__ = ["TrialSetup", "in_process", "search_trial", "trial_resources"]
 
@@ -99,7 +100,7 @@ def search_trial(config: dict[str, Any], *, setup: TrialSetup) -> None:
         from quakeray.preflight import check_model
 
         check_model(cfg, setup.data)
-    name = f"train-{trial_id}"
+    name = train_name(trial_id, config)  # a resumed search may continue an unsaved trial's
     run_dir = storage.join(setup.train_storage, name)
     latest = latest_checkpoint_at(run_dir)
     if latest is not None:

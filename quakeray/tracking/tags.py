@@ -13,6 +13,7 @@ __all__ = [
     "BEST_RUN_ID",
     "BEST_TRIAL_ID",
     "CONFIRM",
+    "CONTINUES",
     "ERROR",
     "REFERENCE",
     "REGISTERED_MODEL",
@@ -48,6 +49,7 @@ STATUS = "quakeray.status"  # running | completed | stopped | failed | cancelled
 REFERENCE = "quakeray.reference"  # mse_only | paper (reference points only)
 ERROR = "quakeray.error"  # first line of a failed trial's error
 RESTARTS = "quakeray.restarts"  # times Tune restarted the trial
+CONTINUES = "quakeray.continues"  # the unsaved trial (killed driver) this trial continued
 BEST_TRIAL_ID = "quakeray.best_trial_id"  # on the parent: the best trial
 BEST_RUN_ID = "quakeray.best_run_id"  # on the parent: the best trial's run
 BEST = "quakeray.best"  # on trials: "true" on the search's best (its name marked too)

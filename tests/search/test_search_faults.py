@@ -124,3 +124,6 @@ def test_a_search_killed_at_any_moment_resumes_to_the_same_end(
     outcome, problems = _outcome(tmp_path)
     assert not problems
     assert outcome == uninterrupted
+    # Nothing trained twice: one Train folder per trial. A fast trial the killed driver
+    # ran (even to its end) before Tune saved its state is continued, not repeated.
+    assert len(list((folder / "train").glob("train-*"))) == len(uninterrupted)

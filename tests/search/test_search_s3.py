@@ -76,6 +76,8 @@ def test_search_on_s3_killed_then_resumed_by_uri(s3_server: S3Server, tmp_path: 
     assert "test_MAE" in parent.data.metrics  # the best checkpoint, evaluated from the bucket
     trials = child_runs(uri, experiment.experiment_id, parent.info.run_id)
     assert len(trials) == 3 and {t.info.status for t in trials} == {"FINISHED"}
+    # Trials the killed driver ran before Tune saved them were continued, not repeated.
+    assert len(storage.list_dir(storage.join(folder, "train"))) == 3
 
 
 @pytest.fixture(scope="module")
