@@ -361,7 +361,8 @@ def find_checkpoints(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir)
     if not root.is_dir():
         return []
-    return sorted(p.parent for p in root.glob(f"*/{STATE_FILE}"))
+    # Hidden folders are uploads in progress (storage.upload_dir stages them so).
+    return sorted(p.parent for p in root.glob(f"*/{STATE_FILE}") if p.parent.name[0] != ".")
 
 
 def best_checkpoint(
@@ -403,10 +404,12 @@ def _folders_at(location: str | Path) -> list[str]:
     """:func:`find_checkpoints` of a run folder that may be a URI (paths, or URIs in a bucket)."""
     if not storage.is_remote(str(location)) or storage.on_local_disk(str(location)):
         return [str(f) for f in find_checkpoints(storage.local_path(str(location)))]
+    # In a bucket a folder is whole once its metrics.json is there: the loop uploads it last.
     return [
         storage.join(str(location), n)
         for n in storage.list_dir(str(location))
         if storage.is_file(storage.join(str(location), n, STATE_FILE))
+        and storage.is_file(storage.join(str(location), n, METRICS_FILE))
     ]
 
 

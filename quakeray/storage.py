@@ -194,12 +194,14 @@ def remove_empty_dir(path: str) -> bool:
     return True
 
 
-def upload_dir(local: Path, path: str) -> None:
-    """Copy a local folder's files to the folder ``path`` (created; replaced when it exists).
+def upload_dir(local: Path, path: str, *, last: str = "") -> None:
+    """Copy a local folder's files to the folder ``path`` (created, or replaced on a disk).
 
     What Ray Train does for a checkpoint, for a loop that runs outside a worker group. On
-    a local disk the copy is renamed into place, so readers see the whole folder or none;
-    on a bucket each object appears once it is complete.
+    a local disk the copy is renamed into place, so readers see the whole folder or none.
+    On a bucket each object appears once it is complete, one after the other, the file
+    named ``last`` last: a reader that waits for that one never sees a part (objects of
+    an earlier upload that the new folder lacks are left).
     """
     import shutil
 
@@ -209,13 +211,24 @@ def upload_dir(local: Path, path: str) -> None:
     if isinstance(fs, LocalFileSystem):
         target = Path(inner)
         staging = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-        shutil.copytree(local, staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        aside = staging.with_suffix(".old")
+        try:
+            shutil.copytree(local, staging)
+            if target.exists():
+                os.replace(target, aside)  # never a moment without the folder's old or new
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(aside, ignore_errors=True)
         return
-    fs.create_dir(inner, recursive=True)
-    copy_files(str(local), inner, source_filesystem=LocalFileSystem(), destination_filesystem=fs)
+    files = sorted(p for p in Path(local).rglob("*") if p.is_file())
+    for file in sorted(files, key=lambda p: p.name == last):  # stable: `last` goes last
+        copy_files(
+            str(file),
+            f"{inner}/{file.relative_to(local).as_posix()}",
+            source_filesystem=LocalFileSystem(),
+            destination_filesystem=fs,
+        )
 
 
 def remove_dir(path: str) -> None:

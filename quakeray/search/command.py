@@ -374,10 +374,13 @@ def _log_best(search: Search, summary: SearchSummary) -> None:
 
     best, metric = summary.best, summary.metric
     assert best is not None
-    run_dir = train_run_dir(search.folder, best.trial_id)
     best_cfg = trial_config(search.cfg, best.params)
     ranked_by = best_cfg.run.checkpoint_metric
-    checkpoint = best.checkpoint or best_checkpoint_at(run_dir, ranked_by) or ""
+    checkpoint = best.checkpoint
+    if not checkpoint:  # not finalised: look in its Train folder (maybe a continued trial's)
+        run = tracking.mlflow_client(search.uri).get_run(best.run_id)
+        folder_of = run.data.tags.get(tags.CONTINUES) or best.trial_id
+        checkpoint = best_checkpoint_at(train_run_dir(search.folder, folder_of), ranked_by) or ""
     summary.best_checkpoint = checkpoint or None
     logger = tracking.RunLogger(search.uri, search.parent)
     logger.log_metrics({f"best_{metric}": float(best.value or math.nan)}, step=0)

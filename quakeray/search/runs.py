@@ -272,19 +272,18 @@ def close_open_children(
     """Close the runs still RUNNING as ``cancelled``, but for those being finalised.
 
     With ``tune_runs`` (the run ids of every trial Tune knows), a RUNNING run outside it
-    is deleted instead (MLflow's soft delete: ``mlflow runs restore`` brings it back): a
-    suggestion the searcher made, and opened a run for, after Tune last saved its state
-    and before the driver died. Tune restored the searcher as it was then, so the resumed
-    search suggests again and runs that trial anew; the run, even with the epochs a fast
-    trial logged meanwhile, stands for no trial of the search.
+    that holds no metric is deleted instead: a suggestion the searcher made, and opened a
+    run for, after Tune last saved its state and before the driver died; it trained
+    nothing. (One that trained was continued by the resumed search if it suggested the
+    same settings again, :mod:`quakeray.search.unsaved`, and is in ``tune_runs`` then;
+    else it ends ``cancelled`` with what it logged.)
     """
     finalising = pending_runs()  # a second Ctrl-C cut the wait for them short
     client = tracking.mlflow_client(uri)
     for run in child_runs(uri, experiment_id, parent_run_id):
         if run.info.status != "RUNNING" or run.info.run_id in finalising:
             continue
-        if tune_runs is not None and run.info.run_id not in tune_runs:
-            log.info("run %s stood for no trial Tune kept; deleted", run.info.run_id)
+        if tune_runs is not None and run.info.run_id not in tune_runs and not run.data.metrics:
             client.delete_run(run.info.run_id)
         else:
             close_trial_run(uri, run.info.run_id, "cancelled")

@@ -90,6 +90,8 @@ class TrialRunOpener(SearcherWrapper):
             run_id, earlier = unsaved
             log.info("trial %s continues trial %s (run %s)", trial_id, earlier, run_id)
             config = {**config, TRAIN_KEY: earlier}
+            if not (config.get(REFERENCE_KEY) or config.get(CONFIRM_KEY)):
+                self.sampled = getattr(self, "sampled", 0) + 1  # its number: no name twice
             # The run is this trial's now (the search's tables join runs to Tune's trials).
             tracking.RunLogger(self.uri, run_id).set_tags(
                 {tags.TRIAL_ID: trial_id, tags.CONTINUES: earlier}

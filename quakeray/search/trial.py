@@ -7,7 +7,8 @@ single-worker trial (``search.in_process_trials``) runs the same worker loop rig
 reporting to Tune itself (:class:`~quakeray.train.session.TuneTrialSession`): no Train
 controller and worker group to start and stop, and Tune keeps the process for the next
 trial. Either way each epoch's checkpoint lands in ``<train_storage>/train-<trial id>``
-and reaches Tune as the same result. What a trial needs besides its sample is one
+(on resume, maybe an earlier trial's folder: :mod:`quakeray.search.unsaved`) and reaches
+Tune as the same result. What a trial needs besides its sample is one
 :class:`TrialSetup`, shipped once through Ray's object store.
 """
 
@@ -41,7 +42,7 @@ class TrialSetup:
     base: ExperimentConfig  # the search's resolved config
     tracking_uri: str  # for the checkpoints (and the test metrics with test_trials)
     data: PreparedData
-    train_storage: str  # Train runs go to <train_storage>/train-<trial id>
+    train_storage: str  # Train runs go to <train_storage>/train-<trial id> (train_name)
     test_trials: bool
 
     @property
@@ -72,7 +73,7 @@ def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
 
 
 def search_trial(config: dict[str, Any], *, setup: TrialSetup) -> None:
-    """One Tune trial: its config, then a ``TorchTrainer`` fit (and a test evaluation).
+    """One Tune trial: its config, then its training (and a test evaluation).
 
     MLflow is the driver's job (:mod:`quakeray.search.tracker`): the run was opened when
     the trial was suggested, its id is in ``config``, and the driver logs each epoch and
@@ -118,17 +119,19 @@ def search_trial(config: dict[str, Any], *, setup: TrialSetup) -> None:
             return
     if setup.in_process:
         # The worker loop right here, continuing from the newest checkpoint if any.
-        train_loop_per_worker(
-            loop_config(
-                cfg,
-                data=setup.data,
-                run_dir=run_dir,
-                tracking_uri=setup.tracking_uri,
-                mlflow_run_id=run_id,
-                log_metrics=False,  # the driver logs what Tune receives
-                in_trial=True,
-            )
+        spec = loop_config(
+            cfg,
+            data=setup.data,
+            run_dir=run_dir,
+            tracking_uri=setup.tracking_uri,
+            mlflow_run_id=run_id,
+            log_metrics=False,  # the driver logs what Tune receives
+            in_trial=True,
         )
+        try:
+            train_loop_per_worker(spec)
+        finally:  # also when ASHA stops it (SystemExit): Tune reuses this process
+            _release_memory()
         best = best_checkpoint_path(None, run_dir=run_dir, metric=cfg.run.checkpoint_metric)
         if best is None:
             raise CheckpointError(f"trial {trial_id} wrote no checkpoint under {run_dir}")
@@ -164,6 +167,21 @@ def _report_again(run_dir: str, latest: str) -> None:
         if storage.is_file(storage.join(folder, METRICS_FILE)):  # not pruned
             result[CHECKPOINT_KEY] = folder
         tune.report(result)
+
+
+def _release_memory() -> None:
+    """Give back what the trial held before this process trains the next one.
+
+    PyTorch's CUDA cache would keep the trial's peak, which a process sharing the GPU
+    (fractional ``scaling.gpus_per_worker``) could not have.
+    """
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():  # (a no-op where this process never used CUDA)
+        torch.cuda.empty_cache()
 
 
 def _epoch_of(folder: str) -> int:

@@ -110,7 +110,9 @@ def new_tuner(
             name=storage.name(folder),
             storage_path=storage.parent(folder),
             callbacks=[tracker, EpochLines(search.cfg), *callbacks],
-            # Trials do not retry at Tune level: Train restarts failed workers itself.
+            # Trials do not retry at Tune level: Train restarts a failed worker group
+            # itself (scaling.max_failures); a trial that trains in its own process and
+            # dies (killed, out of memory) is recorded failed and the search goes on.
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )

@@ -4,12 +4,14 @@ Tune saves its experiment state on a period (10 s at least). A driver killed bet
 saves leaves trials that started, and short ones that even finished, in MLflow and in the
 search folder (``train/train-<trial id>``) but not in Tune's saved state. The resumed
 search's searcher, restored as it was at the last save, suggests those configurations
-again. Before the resumed search starts (:func:`offer_unsaved_trials`), the child runs
-Tune does not know and whose Train folder holds a checkpoint are offered; when a
-suggestion has the same settings (:func:`take_unsaved_trial`, called by the run opener),
-the new trial continues that run and that Train folder (:data:`TRAIN_KEY`): a finished
-one reports its epochs again and ends, an unfinished one trains on from its last epoch.
-Nothing finished runs twice, and the search keeps one MLflow run per trial.
+again (unless a persistent Optuna storage already holds them: then it suggests others).
+Before the resumed search starts (:func:`offer_unsaved_trials`), the child runs Tune does
+not know and whose Train folder holds a checkpoint are offered; when a suggestion has the
+same settings (:func:`take_unsaved_trial`, called by the run opener), the new trial
+continues that run and that Train folder (:data:`TRAIN_KEY`): a finished one reports its
+epochs again and ends, an unfinished one trains on from its last epoch. Nothing finished
+runs twice, and the search keeps one MLflow run per trial. A run offered and not taken
+ends ``cancelled`` with what it logged (:func:`~quakeray.search.runs.close_open_children`).
 
 The offer is handed over in the driver's memory, keyed by the search's parent run.
 """
@@ -21,6 +23,7 @@ import threading
 from collections.abc import Collection, Mapping
 from typing import Any
 
+from quakeray import tracking
 from quakeray.checkpoint import latest_checkpoint_at
 from quakeray.config import ExperimentConfig
 from quakeray.search.runs import child_runs
@@ -60,7 +63,8 @@ def offer_unsaved_trials(
     """
     offers: dict[_Key, tuple[str, str]] = {}
     for run in child_runs(uri, experiment_id, parent_run_id):
-        trial_id = run.data.tags.get(tags.TRIAL_ID, "")
+        # A run continued once already trains in the folder of the trial it continued.
+        trial_id = run.data.tags.get(tags.CONTINUES) or run.data.tags.get(tags.TRIAL_ID, "")
         if run.info.run_id in known_run_ids or not trial_id:
             continue
         if latest_checkpoint_at(train_run_dir(search_dir, trial_id)) is None:
@@ -88,7 +92,7 @@ def take_unsaved_trial(
 def _config_key(base: ExperimentConfig, config: Mapping[str, Any]) -> _Key:
     role = str(config.get(REFERENCE_KEY) or config.get(CONFIRM_KEY) or "")
     params = trial_params(base, config)
-    return role, tuple(sorted((k, "" if v is None else str(v)) for k, v in params.items()))
+    return role, tuple(sorted((k, tracking.param_text(v)) for k, v in params.items()))
 
 
 def _run_key(run_tags: Mapping[str, str], params: Mapping[str, str]) -> _Key:

@@ -45,6 +45,7 @@ __all__ = [
     "log_config",
     "mlflow_client",
     "mlflow_ui_command",
+    "param_text",
     "resolve_tracking_uri",
     "run_status",
     "runs_view_link",
@@ -340,10 +341,7 @@ class RunLogger:
         """Log extra params (values stringified and clipped)."""
         from mlflow.entities import Param
 
-        items = [
-            Param(k[:_MAX_KEY_LENGTH], _clip(_param_text(v), _MAX_PARAM_VAL_LENGTH))
-            for k, v in params.items()
-        ]
+        items = [Param(k[:_MAX_KEY_LENGTH], param_text(v)) for k, v in params.items()]
         for start in range(0, len(items), _MAX_PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=items[start : start + _MAX_PARAMS_PER_BATCH])
 
@@ -387,6 +385,11 @@ def mlflow_client(uri: str) -> MlflowClient:
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
+
+
+def param_text(value: Any) -> str:
+    """A param's value as MLflow stores it from :meth:`RunLogger.log_params` (text, clipped)."""
+    return _clip(_param_text(value), _MAX_PARAM_VAL_LENGTH)
 
 
 def _param_text(value: Any) -> str:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from quakeray import storage
 from quakeray.checkpoint import (
+    METRICS_FILE,
     Predictions,
     build_state,
     checkpoint_dir_name,
@@ -73,7 +74,7 @@ class LoopConfig:
 
 
 def train_loop_per_worker(spec: LoopConfig) -> None:
-    """One Ray Train worker: train, validate exactly, checkpoint (rank 0), report, log."""
+    """One worker (of Ray Train, or a trial's own process): train, validate, checkpoint, report."""
     import torch.distributed as dist
 
     cfg, epochs = spec.config, spec.config.optim.epochs
@@ -159,7 +160,7 @@ def _checkpoint_and_report(
             )
             if spec.checkpoint_dir:
                 persisted = storage.join(spec.checkpoint_dir, checkpoint_dir_name(epoch))
-                storage.upload_dir(staged, persisted)
+                storage.upload_dir(staged, persisted, last=METRICS_FILE)
                 run = spec.config.run
                 prune_checkpoints(
                     spec.checkpoint_dir, run.checkpoints_to_keep, metric=run.checkpoint_metric

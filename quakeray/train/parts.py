@@ -155,7 +155,7 @@ def build_data(
 def build_model_parts(cfg: ExperimentConfig, data: LoopData, session: LoopSession) -> ModelParts:
     """The model (on the device; DDP-wrapped by Ray Train), the joint loss, AdamW + one-cycle."""
     # timm (1-2 s to import) only here: a search trial's process imports this module to
-    # build its trainer and never builds a model itself.
+    # build its trainer and never builds a model itself (unless it trains in-process).
     from quakeray.models import build_model
 
     opt = cfg.optim

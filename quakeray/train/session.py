@@ -18,6 +18,7 @@ where each epoch's report goes.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+
+from quakeray.errors import ClusterError
 
 __all__ = ["LoopSession", "TrainSession", "TuneTrialSession", "session_for"]
 
@@ -113,11 +116,22 @@ class TuneTrialSession:
 
     @classmethod
     def current(cls, *, use_gpu: bool) -> TuneTrialSession:
-        """The trial's device: the GPU Ray gave the trial (it sets CUDA_VISIBLE_DEVICES)."""
-        if use_gpu and torch.cuda.is_available():
-            torch.cuda.set_device(0)
-            return cls(device=torch.device("cuda", 0))
-        return cls(device=torch.device("cpu"))
+        """The trial's device: the GPU Ray gave the trial (it sets CUDA_VISIBLE_DEVICES).
+
+        Raises:
+            ClusterError: ``use_gpu`` and this process sees no GPU (never a silent CPU run).
+        """
+        if not use_gpu:
+            return cls(device=torch.device("cpu"))
+        if not torch.cuda.is_available():
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)")
+            raise ClusterError(
+                f"scaling.use_gpu=true but this trial's process sees no GPU "
+                f"(CUDA_VISIBLE_DEVICES={visible}); check the node's GPUs, or train the "
+                "trial in a Train worker group with search.in_process_trials=false"
+            )
+        torch.cuda.set_device(0)
+        return cls(device=torch.device("cuda", 0))
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model on the trial's device (one process: nothing to wrap)."""

@@ -60,6 +60,13 @@ def test_a_trained_run_tune_never_saved_is_continued_by_the_same_suggestion(
     assert take_unsaved_trial(parent, base, dict(paper)) is None  # each is continued once
     other = {"loss.margin": 0.5, "loss.rank_weight": 0.1}
     assert take_unsaved_trial(parent, base, other) is None
+    # Killed again before Tune saved the continuing trial: its run (now tagged with the
+    # new trial id) is offered with the folder it trains in, the first trial's.
+    tracking.RunLogger(uri, runs["unsaved-paper"]).set_tags(
+        {tags.TRIAL_ID: "continuing", tags.CONTINUES: "unsaved-paper"}
+    )
+    offer_unsaved_trials(search_dir, uri, experiment_id, parent, known_run_ids={runs["saved"]})
+    assert take_unsaved_trial(parent, base, dict(paper)) == (runs["unsaved-paper"], "unsaved-paper")
     # The continuing trial trains in the unsaved one's folder.
     assert train_name("new-id", {TRAIN_KEY: "unsaved-paper"}) == "train-unsaved-paper"
     assert train_name("new-id", {}) == "train-new-id"
