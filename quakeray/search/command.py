@@ -269,8 +269,8 @@ def _reopen(
 
 
 def _configs(results: ResultGrid) -> list[dict[str, Any]]:
-    """The config of every trial in a ``ResultGrid`` (indexed only)."""
-    return [dict(getattr(results[i], "config", None) or {}) for i in range(len(results))]
+    """The config of every trial in a ``ResultGrid``."""
+    return [dict(getattr(r, "config", None) or {}) for r in results_list(results)]
 
 
 def _finish(search: Search, results: ResultGrid) -> SearchSummary:

@@ -126,6 +126,7 @@ def search_trial(config: dict[str, Any], *, setup: TrialSetup) -> None:
             tracking_uri=setup.tracking_uri,
             mlflow_run_id=run_id,
             log_metrics=False,  # the driver logs what Tune receives
+            resume_from=latest,  # found above: not listed again
             in_trial=True,
         )
         try:
