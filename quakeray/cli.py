@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from quakeray import __version__
+from quakeray.compat import check_versions
 from quakeray.errors import EXIT_USAGE, QuakerayError
 
 __all__ = ["SMOKE_TEST_OVERRIDES", "Handler", "build_parser", "main"]
@@ -72,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     _interrupt_on_sigterm()
     try:
+        check_versions()  # a Ray or Optuna release we never tried may break a search silently
         return handler(args)
     except QuakerayError as exc:
         if args.debug:

@@ -13,6 +13,7 @@ __all__ = [
     "ClusterError",
     "ConfigError",
     "DataError",
+    "DependencyError",
     "DownloadError",
     "ModelError",
     "QuakerayError",
@@ -34,6 +35,10 @@ class ConfigError(QuakerayError):
 
 class DataError(QuakerayError):
     """A dataset file is missing, unreadable or does not follow the QuakeSet layout."""
+
+
+class DependencyError(QuakerayError):
+    """An installed library is outside the versions this quakeray was tested with."""
 
 
 class DownloadError(QuakerayError):

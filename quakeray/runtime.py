@@ -22,6 +22,7 @@ import math
 import os
 import sys
 
+from quakeray.compat import autoscaler_max_resources
 from quakeray.config import ExperimentConfig
 from quakeray.errors import ClusterError
 
@@ -195,7 +196,7 @@ def check_resources(cfg: ExperimentConfig, *, concurrent: int = 1, extra_cpus: f
 
     now = ray.cluster_resources()  # type: ignore[no-untyped-call]
     total = {k: float(v) for k, v in now.items()}
-    max_total = _autoscaler_max_resources()
+    max_total = autoscaler_max_resources()
     if max_total:
         for key, value in max_total.items():
             total[key] = max(total.get(key, 0.0), float(value))
@@ -234,15 +235,3 @@ def check_resources(cfg: ExperimentConfig, *, concurrent: int = 1, extra_cpus: f
                 f"{f', {gpus_per_worker} GPU' if gpus_per_worker else ''}); "
                 "lower scaling.cpus_per_worker / scaling.gpus_per_worker"
             )
-
-
-def _autoscaler_max_resources() -> dict[str, float] | None:
-    """Maximum resources the autoscaler may provide, or None without an autoscaler."""
-    try:
-        from ray._private.state import state
-
-        found = state.get_max_resources_from_cluster_config()
-    except Exception:  # private API: absent or changed in another Ray version
-        log.debug("autoscaler config not readable", exc_info=True)
-        return None
-    return {k: float(v) for k, v in found.items()} if found else None

@@ -14,19 +14,19 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from quakeray import storage, tracking
+from quakeray import tracking
 from quakeray.config import VARIANT_KEY, ExperimentConfig
 from quakeray.errors import SearchError
 from quakeray.search.results import Confirmation, TrialRow, parse_param
 from quakeray.search.runs import child_runs
 from quakeray.search.searchers import PointsSearcher
-from quakeray.search.space import CONFIRM_KEY, REFERENCE_POINTS, space_value
+from quakeray.search.space import REFERENCE_POINTS, space_value
+from quakeray.search.trial_spec import SPEC_KEY, TrialSpec
 from quakeray.search.tuner import Search, fit, new_tuner, restored_tuner
 from quakeray.seeds import SeedScores, paired_difference
 from quakeray.tracking import tags
 
 __all__ = [
-    "CONFIRM_DIR",
     "CONFIRM_METRIC",
     "confirm",
     "confirmation_configs",
@@ -36,9 +36,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-CONFIRM_DIR = "confirm"
-"""The confirmation's Tune experiment: ``<search folder>/confirm``."""
 
 CONFIRM_METRIC = "test_MAE"
 """What the confirmation scores (on the test split, which the search never saw)."""
@@ -64,7 +61,7 @@ def confirmation_points(cfg: ExperimentConfig, best: TrialRow) -> list[dict[str,
     seeds = [cfg.optim.seed + i for i in range(1, cfg.search.confirm_seeds + 1)]
     configs = confirmation_configs(cfg, best)
     return [
-        {**settings, "optim.seed": seed, CONFIRM_KEY: label}
+        {**settings, "optim.seed": seed, SPEC_KEY: TrialSpec(role="confirm", label=label)}
         for seed in seeds
         for label, settings in configs.items()
     ]
@@ -79,7 +76,7 @@ def confirm(search: Search, best: TrialRow) -> Confirmation:
     from ray.tune import Tuner
     from ray.tune.search import ConcurrencyLimiter
 
-    folder = storage.join(search.folder, CONFIRM_DIR)
+    folder = search.ref.confirm_folder
     if Tuner.can_restore(folder):
         tuner = restored_tuner(search, folder=folder, test_trials=True)
     else:
@@ -93,7 +90,8 @@ def confirm(search: Search, best: TrialRow) -> Confirmation:
         )
     print(f"confirming on {search.cfg.search.confirm_seeds} fresh seeds in {folder}", flush=True)
     fit(tuner, search)
-    found = read_confirmation(search.uri, search.experiment_id, search.parent)
+    ref = search.ref
+    found = read_confirmation(ref.uri, ref.experiment_id, ref.parent_run_id)
     if found is None:
         raise SearchError(f"no confirmation run finished with a test score; see {folder}")
     return found
@@ -143,7 +141,7 @@ def log_confirmation(search: Search, confirmation: Confirmation) -> None:
     """The parent run gets the table, the verdicts, a figure and each mean as a metric."""
     from quakeray.plots import confirmation_figure
 
-    logger = tracking.RunLogger(search.uri, search.parent)
+    logger = tracking.RunLogger(search.ref.uri, search.ref.parent_run_id)
     logger.log_text(confirmation.format() + "\n", "confirmation.txt")
     scores = confirmation.scores
     figure = confirmation_figure(

@@ -15,7 +15,8 @@ from ray.tune import Callback
 
 from quakeray.config import ExperimentConfig
 from quakeray.runtime import is_verbose
-from quakeray.search.space import CONFIRM_KEY, REFERENCE_KEY, trial_config
+from quakeray.search.space import trial_config
+from quakeray.search.trial_spec import spec_of
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
@@ -52,8 +53,9 @@ class EpochLines(Callback):
 
 def trial_label(trial_id: str, config: Mapping[str, Any]) -> str:
     """``trial <id>``, with its reference point or what it confirms and its seed."""
-    if config.get(CONFIRM_KEY):
-        return f"trial {trial_id} ({config[CONFIRM_KEY]}, seed {config.get('optim.seed', '?')})"
-    if config.get(REFERENCE_KEY):
-        return f"trial {trial_id} ({config[REFERENCE_KEY]})"
+    spec = spec_of(config)
+    if spec.role == "confirm":
+        return f"trial {trial_id} ({spec.label}, seed {config.get('optim.seed', '?')})"
+    if spec.role == "reference":
+        return f"trial {trial_id} ({spec.label})"
     return f"trial {trial_id}"

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from quakeray.search.space import sample_of
+from quakeray.search.trial_spec import sample_of
 from quakeray.seeds import PairedDifference, SeedScores
 from quakeray.tables import csv_text, text_table
 from quakeray.tracking import tags

@@ -7,11 +7,12 @@ trial's critical path, and gives the tracking store a single writer per search:
 - the driver opens and closes the **parent** run (reopened on ``--resume``);
 - :class:`~quakeray.search.tracker.TrialRunOpener`, the outermost searcher, opens a
   trial's **child** run when it suggests the trial and hands the run id to the trial in
-  its config (:data:`RUN_KEY`), so the trial's checkpoints name their run;
+  its :class:`~quakeray.search.trial_spec.TrialSpec`, so the trial's checkpoints name
+  their run;
 - :class:`~quakeray.search.tracker.TrialRunTracker`, a Tune callback, logs every
   result's epoch metrics into the child run, reopens the run of a restarted trial (no
-  duplicates), and closes it through :func:`finish_trial_run` on the finaliser thread
-  (:mod:`quakeray.search.finalizer`): completed trials and those stopped early by ASHA
+  duplicates), and closes it through :func:`finish_trial_run` on its finaliser thread
+  (:class:`~quakeray.search.finalizer.Finalizer`): completed trials and those stopped early by ASHA
   first get their best checkpoint's outputs, then end ``completed`` or ``stopped``;
   failed trials end ``failed`` with their error;
 - :func:`finish_orphaned_runs` finishes, at the search's end, the runs of trials Tune
@@ -34,8 +35,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from quakeray import storage, tracking
 from quakeray.config import ExperimentConfig, replace
-from quakeray.search.finalizer import pending_runs
+from quakeray.search.layout import SearchRef
 from quakeray.search.space import trial_config
+from quakeray.search.trial_spec import spec_of
 from quakeray.tracking import outputs, tags
 from quakeray.train.session import CHECKPOINT_PATH_KEY
 
@@ -45,7 +47,6 @@ if TYPE_CHECKING:
 __all__ = [
     "CHECKPOINT_KEY",
     "MLFLOW_STATUS",
-    "RUN_KEY",
     "TrialStatus",
     "child_runs",
     "close_open_children",
@@ -60,9 +61,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 TrialStatus = Literal["running", "completed", "stopped", "failed", "cancelled"]
-
-RUN_KEY = "_mlflow_run_id"
-"""Key of a trial's config holding its child run's id (set by the run opener)."""
 
 CHECKPOINT_KEY = CHECKPOINT_PATH_KEY
 """Key of a Tune result holding the checkpoint reported with it (Train's Tune callback,
@@ -103,13 +101,13 @@ def finish_trial_run(
     close_trial_run(uri, run_id, status, only_if_running=True)
 
 
-def find_trial_run(uri: str, experiment_id: str, parent_run_id: str, trial_id: str) -> Run | None:
-    """The child run of ``trial_id`` under ``parent_run_id``, or None."""
-    runs = tracking.mlflow_client(uri).search_runs(
-        [experiment_id],
+def find_trial_run(ref: SearchRef, trial_id: str) -> Run | None:
+    """The child run of ``trial_id`` in the search, or None."""
+    runs = tracking.mlflow_client(ref.uri).search_runs(
+        [ref.experiment_id],
         filter_string=(
             f"tags.`{tags.TRIAL_ID}` = '{trial_id}' "
-            f"and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+            f"and tags.`mlflow.parentRunId` = '{ref.parent_run_id}'"
         ),
         max_results=2,
     )
@@ -131,15 +129,13 @@ def child_runs(uri: str, experiment_id: str, parent_run_id: str) -> list[Run]:
 
 
 def open_trial_run(
-    uri: str,
-    experiment_id: str,
-    parent_run_id: str,
+    ref: SearchRef,
     trial_id: str,
     *,
     run_name: str,
     extra_tags: Mapping[str, str] | None = None,
 ) -> str:
-    """Create the child run of a trial (a trial Tune restarts keeps its run: :data:`RUN_KEY`).
+    """Create the child run of a trial (a trial Tune restarts keeps its run: its spec).
 
     No lookup first: a search of thousands of trials must not search its runs per trial.
 
@@ -149,7 +145,11 @@ def open_trial_run(
     all_tags = {tags.ROLE: "trial", tags.TRIAL_ID: trial_id, tags.STATUS: "running"}
     all_tags.update(extra_tags or {})
     return tracking.start_run(
-        uri, experiment_id, run_name=run_name, parent_run_id=parent_run_id, tags=all_tags
+        ref.uri,
+        ref.experiment_id,
+        run_name=run_name,
+        parent_run_id=ref.parent_run_id,
+        tags=all_tags,
     )
 
 
@@ -193,13 +193,11 @@ def close_trial_run(
 
 
 def finish_orphaned_runs(
-    uri: str,
-    experiment_id: str,
-    parent_run_id: str,
+    ref: SearchRef,
     results: Any,
     *,
     base: ExperimentConfig,
-    train_storage: str,
+    finalising: Collection[str] = (),
 ) -> int:
     """Finalise and close the runs of trials Tune ended but no finaliser closed.
 
@@ -208,13 +206,11 @@ def finish_orphaned_runs(
     Its best reported checkpoint comes from Tune's record of its results.
 
     Args:
-        uri: The tracking URI.
-        experiment_id: The search's experiment.
-        parent_run_id: The search's parent run.
+        ref: The search.
         results: Tune's results (``ResultGrid``): ``config``, ``error``,
             ``metrics_dataframe``.
         base: The search's resolved config.
-        train_storage: Where the trials' Train runs are (gives checkpoints their scheme).
+        finalising: Runs a finaliser thread still holds (left alone).
 
     Returns:
         How many runs were finished here.
@@ -222,14 +218,14 @@ def finish_orphaned_runs(
     import pandas as pd
 
     ended = {
-        str(r.config[RUN_KEY]): r
+        spec_of(r.config).run_id: r
         for r in (results[i] for i in range(len(results)))  # a ResultGrid is indexed only
-        if r.error is None and (getattr(r, "config", None) or {}).get(RUN_KEY)
+        if r.error is None and spec_of(r.config or {}).run_id
     }
-    pending, finished = pending_runs(), 0
-    for run in child_runs(uri, experiment_id, parent_run_id):
+    finished = 0
+    for run in child_runs(ref.uri, ref.experiment_id, ref.parent_run_id):
         result = ended.get(run.info.run_id)
-        if run.info.status != "RUNNING" or result is None or run.info.run_id in pending:
+        if run.info.status != "RUNNING" or result is None or run.info.run_id in finalising:
             continue
         frame = result.metrics_dataframe
         frame = frame if isinstance(frame, pd.DataFrame) else pd.DataFrame()
@@ -240,11 +236,11 @@ def finish_orphaned_runs(
         try:
             cfg = trial_config(base, result.config)
             finish_trial_run(
-                uri,
+                ref.uri,
                 run.info.run_id,
                 base=base,
                 config=result.config,
-                checkpoint=_best_reported(frame, cfg.run.checkpoint_metric, train_storage),
+                checkpoint=_best_reported(frame, cfg.run.checkpoint_metric, ref.train_root),
                 status="stopped" if epochs < cfg.optim.epochs else "completed",
                 trial_id=trial_id,
             )
@@ -267,7 +263,10 @@ def _best_reported(frame: Any, metric: str, train_storage: str) -> str | None:
 
 
 def close_open_children(
-    uri: str, experiment_id: str, parent_run_id: str, *, tune_runs: Collection[str] | None = None
+    ref: SearchRef,
+    *,
+    tune_runs: Collection[str] | None = None,
+    finalising: Collection[str] = (),
 ) -> None:
     """Close the runs still RUNNING as ``cancelled``, but for those being finalised.
 
@@ -275,15 +274,20 @@ def close_open_children(
     that holds no metric is deleted instead: a suggestion the searcher made, and opened a
     run for, after Tune last saved its state and before the driver died; it trained
     nothing. (One that trained was continued by the resumed search if it suggested the
-    same settings again, :mod:`quakeray.search.unsaved`, and is in ``tune_runs`` then;
+    same settings again, :mod:`quakeray.search.recovery`, and is in ``tune_runs`` then;
     else it ends ``cancelled`` with what it logged.)
+
+    Args:
+        ref: The search.
+        tune_runs: The run ids of every trial Tune knows (None: unknown, delete nothing).
+        finalising: Runs a finaliser thread still holds (a second Ctrl-C cut the wait for
+            them short): left alone.
     """
-    finalising = pending_runs()  # a second Ctrl-C cut the wait for them short
-    client = tracking.mlflow_client(uri)
-    for run in child_runs(uri, experiment_id, parent_run_id):
+    client = tracking.mlflow_client(ref.uri)
+    for run in child_runs(ref.uri, ref.experiment_id, ref.parent_run_id):
         if run.info.status != "RUNNING" or run.info.run_id in finalising:
             continue
         if tune_runs is not None and run.info.run_id not in tune_runs and not run.data.metrics:
             client.delete_run(run.info.run_id)
         else:
-            close_trial_run(uri, run.info.run_id, "cancelled")
+            close_trial_run(ref.uri, run.info.run_id, "cancelled")

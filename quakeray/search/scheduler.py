@@ -8,25 +8,28 @@ from typing import TYPE_CHECKING, Any
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
 from quakeray import storage
-from quakeray.checkpoint import HISTORY_FILE, parse_history
+from quakeray.checkpoint import read_history
 from quakeray.config import ExperimentConfig
 from quakeray.search.runs import CHECKPOINT_KEY
-from quakeray.search.space import REFERENCE_KEY
+from quakeray.search.trial_spec import spec_of
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
 
-__all__ = ["EpochASHA", "build_scheduler", "describe_scheduler", "max_epochs"]
+__all__ = ["EPOCHS_DONE", "EpochASHA", "build_scheduler", "describe_scheduler", "max_epochs"]
 
 log = logging.getLogger(__name__)
+
+EPOCHS_DONE = "epochs_done"
+"""ASHA's time: the epochs a trial has completed (its result's ``epoch`` + 1)."""
 
 
 class EpochASHA(AsyncHyperBandScheduler):  # type: ignore[misc]
     """ASHA whose time is epochs completed, and which never cuts a trial's last epoch.
 
-    - Time is ``epoch + 1`` from the reported metrics rather than Tune's
-      ``training_iteration``: a trial restarted after ``--resume`` continues its Train run
-      mid-way while Tune's iteration count starts again at 1.
+    - Time is :data:`EPOCHS_DONE`, ``epoch + 1`` of the reported metrics, rather than
+      Tune's ``training_iteration``: a trial restarted after ``--resume`` continues its
+      Train run mid-way while Tune's iteration count starts again at 1.
     - Plain ASHA answers STOP to every result at ``max_t``. For a trial on its last epoch
       that changes nothing about the search but kills the trial before it logs its model
       and closes its MLflow run, so such a result gets CONTINUE (the trial ends by itself).
@@ -40,13 +43,15 @@ class EpochASHA(AsyncHyperBandScheduler):  # type: ignore[misc]
       (:func:`quakeray.search.trial.search_trial`).
 
     Args:
+        max_epochs: The most epochs a trial can run (ASHA's ``max_t``).
         train_storage: Where the trials' Train runs are (gives reported checkpoint paths
             their scheme, to read their history).
-        **asha: ``AsyncHyperBandScheduler``'s arguments.
+        **asha: ``AsyncHyperBandScheduler``'s other arguments.
     """
 
-    def __init__(self, *, train_storage: str = "", **asha: Any) -> None:
-        super().__init__(**asha)
+    def __init__(self, *, max_epochs: int, train_storage: str = "", **asha: Any) -> None:
+        super().__init__(time_attr=EPOCHS_DONE, max_t=max_epochs, **asha)
+        self.max_epochs = max_epochs
         self.train_storage = train_storage
 
     def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
@@ -55,45 +60,42 @@ class EpochASHA(AsyncHyperBandScheduler):  # type: ignore[misc]
         A restored trial that runs again reports its epochs again itself, and is judged.
         """
         super().on_trial_add(tune_controller, trial)
-        if getattr(trial, "status", "PENDING") == "PENDING":
+        if trial.status == "PENDING":
             return
         for metrics in self._restored_history(trial):
             # The decision was taken when the epoch first ran; only the rung is rebuilt.
-            super().on_trial_result(
-                tune_controller, trial, _with_epoch_time(metrics, self._time_attr)
-            )
+            super().on_trial_result(tune_controller, trial, _with_epoch_time(metrics))
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
         """ASHA's decision on epochs completed; never STOP at the last epoch or a reference."""
-        result = _with_epoch_time(result, self._time_attr)
-        at_end = result.get(self._time_attr, 0) >= self._max_t
+        result = _with_epoch_time(result)
+        at_end = result.get(EPOCHS_DONE, 0) >= self.max_epochs
         decision: str = super().on_trial_result(tune_controller, trial, result)
-        exempt = at_end or bool((getattr(trial, "config", None) or {}).get(REFERENCE_KEY))
+        exempt = at_end or spec_of(trial.config).role == "reference"
         return TrialScheduler.CONTINUE if exempt else decision
 
     def on_trial_complete(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> None:
         """Record the final result on epochs completed."""
-        super().on_trial_complete(tune_controller, trial, _with_epoch_time(result, self._time_attr))
+        super().on_trial_complete(tune_controller, trial, _with_epoch_time(result))
 
     def _restored_history(self, trial: Trial) -> list[dict[str, Any]]:
         """Every epoch a restored trial reported, from its last checkpoint; [] if none."""
-        last = getattr(trial, "last_result", None) or {}
-        path = last.get(CHECKPOINT_KEY)
+        path = (trial.last_result or {}).get(CHECKPOINT_KEY)
         if not path:
             return []
-        file = storage.join(storage.with_scheme_of(str(path), self.train_storage), HISTORY_FILE)
+        folder = storage.with_scheme_of(str(path), self.train_storage)
         try:
-            history = parse_history(storage.read_text(file))
-        except Exception:  # pruned or unreadable: the rungs miss this trial, as before
-            log.warning("trial %s: no history at %s for ASHA's rungs", trial.trial_id, file)
+            history = read_history(folder)
+        except Exception:  # unreadable: the rungs miss this trial
+            log.warning("trial %s: no history in %s for ASHA's rungs", trial.trial_id, folder)
             return []
         return [{k: v for k, v in m.items() if v is not None} for m in history]
 
 
-def _with_epoch_time(result: dict[str, Any], time_attr: str) -> dict[str, Any]:
+def _with_epoch_time(result: dict[str, Any]) -> dict[str, Any]:
     if "epoch" not in result:
         return result
-    return {**result, time_attr: int(result["epoch"]) + 1}
+    return {**result, EPOCHS_DONE: int(result["epoch"]) + 1}
 
 
 def build_scheduler(cfg: ExperimentConfig, *, train_storage: str = "") -> EpochASHA | None:
@@ -103,9 +105,8 @@ def build_scheduler(cfg: ExperimentConfig, *, train_storage: str = "") -> EpochA
         return None
     max_t = max_epochs(cfg)
     return EpochASHA(
+        max_epochs=max_t,
         train_storage=train_storage,
-        time_attr="training_iteration",
-        max_t=max_t,
         grace_period=min(s.grace_period, max_t),
         reduction_factor=s.reduction_factor,
     )

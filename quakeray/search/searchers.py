@@ -26,15 +26,17 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
+from quakeray.compat import set_searcher_objective
 from quakeray.config import ExperimentConfig, SpaceParam
 from quakeray.errors import SearchError
 from quakeray.search.space import (
-    REFERENCE_KEY,
     ReferencePoint,
+    in_distribution,
     optuna_space,
     reference_points,
     space_value,
 )
+from quakeray.search.trial_spec import SPEC_KEY, TrialSpec
 
 __all__ = [
     "GridSearcher",
@@ -113,6 +115,9 @@ class SearcherWrapper(Searcher):  # type: ignore[misc]
     ``save``/``restore``; a wrapper's state is its attributes but the wrapped searcher.
     """
 
+    transient: tuple[str, ...] = ("searcher",)
+    """Attributes left out of the saved state (the wrapped searcher saves itself)."""
+
     def __init__(self, searcher: Searcher) -> None:
         super().__init__(metric=searcher.metric, mode=searcher.mode)
         self.searcher = searcher
@@ -122,7 +127,7 @@ class SearcherWrapper(Searcher):  # type: ignore[misc]
     ) -> bool:
         """Forward Tune's metric/mode to the wrapped searcher."""
         ok = bool(self.searcher.set_search_properties(metric, mode, config, **spec))
-        self._metric, self._mode = self.searcher.metric, self.searcher.mode
+        set_searcher_objective(self, self.searcher.metric, self.searcher.mode)
         return ok
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
@@ -141,7 +146,7 @@ class SearcherWrapper(Searcher):  # type: ignore[misc]
 
     def get_state(self) -> dict[str, Any]:
         """Wrapper state for Tune's experiment checkpoint (the wrapped searcher saves itself)."""
-        return {k: v for k, v in self.__dict__.items() if k != "searcher"}
+        return {k: v for k, v in self.__dict__.items() if k not in self.transient}
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Restore the wrapper state written by :meth:`get_state`."""
@@ -189,7 +194,7 @@ class ReferenceFirst(SearcherWrapper):
             name, values = self._points[self._next]
             self._next += 1
             self._reference_trials[trial_id] = name
-            return {**values, REFERENCE_KEY: name}
+            return {**values, SPEC_KEY: TrialSpec(role="reference", label=name)}
         suggestion: dict[str, Any] | None = self.searcher.suggest(trial_id)
         return suggestion
 
@@ -199,8 +204,7 @@ class ReferenceFirst(SearcherWrapper):
         if name is None:
             set_trial_user_attrs(self.searcher, trial_id, attrs)
         else:
-            kept = self.__dict__.setdefault("_reference_attrs", {})  # older saved state
-            kept[trial_id] = {**attrs, "reference": name}
+            self._reference_attrs[trial_id] = {**attrs, "reference": name}
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         """Sampled trials' results go to the wrapped searcher; a reference keeps its epochs."""
@@ -209,8 +213,7 @@ class ReferenceFirst(SearcherWrapper):
             return
         value, epoch = result.get(self.metric), result.get("epoch")
         if isinstance(value, (int, float)) and isinstance(epoch, (int, float)):
-            steps = self.__dict__.setdefault("_reference_steps", {})  # older saved state
-            steps.setdefault(trial_id, {})[int(epoch)] = float(value)
+            self._reference_steps.setdefault(trial_id, {})[int(epoch)] = float(value)
 
     def on_trial_complete(
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
@@ -231,8 +234,8 @@ class ReferenceFirst(SearcherWrapper):
         extra: dict[str, Any] = {}
         if hasattr(self.searcher, "set_trial_user_attrs"):  # StudySearch: values by epoch too
             self.on_trial_result(trial_id, result or {})  # the last epoch, if not told yet
-            steps = self.__dict__.get("_reference_steps", {}).get(trial_id, {})
-            attrs = self.__dict__.get("_reference_attrs", {}).get(trial_id, {"reference": name})
+            steps = self._reference_steps.get(trial_id, {})
+            attrs = self._reference_attrs.get(trial_id, {"reference": name})
             extra = {"steps": steps, "user_attrs": attrs}
         with contextlib.suppress(NotImplementedError):  # searchers that cannot learn
             self.searcher.add_evaluated_point(params, float(value), **extra)
@@ -309,19 +312,10 @@ class GridSearcher(PointsSearcher):
 
 def _inside(searcher: Searcher, params: Mapping[str, Any]) -> bool:
     """Whether every value lies in the Optuna distribution of its parameter."""
-    space = getattr(searcher, "_space", None)
-    if not isinstance(space, dict):
+    space = getattr(searcher, "distributions", None)  # StudySearch's; the grid has none
+    if not isinstance(space, Mapping):
         return False
-    for name, value in params.items():
-        dist = space.get(name)
-        if dist is None:
-            return False
-        try:
-            if not dist._contains(dist.to_internal_repr(value)):
-                return False
-        except (ValueError, TypeError):
-            return False
-    return True
+    return all(name in space and in_distribution(space[name], v) for name, v in params.items())
 
 
 def _optuna_storage(url: str, study_name: str, *, fresh: bool) -> Any:

@@ -10,6 +10,7 @@ config from its sample. The reference points (MSE only, the paper's point) are s
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
 import math
 from collections.abc import Mapping
@@ -27,13 +28,12 @@ from quakeray.config import (
 )
 from quakeray.errors import ConfigError, SearchError
 from quakeray.metrics import EPOCH_METRICS
+from quakeray.search.trial_spec import sample_of
 
 if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
 
 __all__ = [
-    "CONFIRM_KEY",
-    "REFERENCE_KEY",
     "REFERENCE_POINTS",
     "ReferencePoint",
     "check_metric",
@@ -41,10 +41,10 @@ __all__ = [
     "data_for_every_trial",
     "describe_sampler",
     "grid_size",
+    "in_distribution",
     "num_trials",
     "optuna_space",
     "reference_points",
-    "sample_of",
     "space_value",
     "trial_config",
     "trial_params",
@@ -53,32 +53,48 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CONFIRM_KEY = "_confirm"
-"""Key of a confirmation trial's config naming what it confirms (mse_only | paper | best)."""
-
-REFERENCE_KEY = "_reference"
-"""Key of a trial's config that names its reference point (absent for sampled trials)."""
-
-
-def sample_of(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A trial config's sampled fields: its marker keys (``_reference``, ...) dropped.
-
-    Config fields are dotted names of real settings and never start with an underscore;
-    the markers quakeray adds to a trial's config always do.
-    """
-    return {k: v for k, v in config.items() if not k.startswith("_")}
-
 
 def trial_config(base: ExperimentConfig, config: Mapping[str, Any]) -> ExperimentConfig:
     """A trial's resolved config: the search's config with the trial's sample.
 
     A sampled ``variant`` expands to its bundle of settings (``search.variants``) first;
-    the sample's own fields go on top.
+    the sample's own fields go on top. Built once per search config and sample: the
+    driver asks for a trial's config at each of its events (results, the end, the
+    console), and validation costs milliseconds each time.
 
     Raises:
         ConfigError: The sample breaks the config (a value out of range, a wrong type).
     """
     sample = sample_of(config)
+    try:
+        key = tuple(sorted(sample.items()))
+        hash(key)
+    except TypeError:  # an unhashable value (a list): built every time
+        return _trial_config(base, sample)
+    return _cached_trial_config(_Identity(base), key)
+
+
+class _Identity:
+    """A config keyed by its identity: configs are frozen and never compared by value here."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: ExperimentConfig) -> None:
+        self.value = value
+
+    def __hash__(self) -> int:
+        return id(self.value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Identity) and other.value is self.value
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_trial_config(base: _Identity, sample: tuple[tuple[str, Any], ...]) -> ExperimentConfig:
+    return _trial_config(base.value, dict(sample))
+
+
+def _trial_config(base: ExperimentConfig, sample: dict[str, Any]) -> ExperimentConfig:
     variant = sample.pop(VARIANT_KEY, None)
     settings = dict(base.search.variants[variant]) if variant is not None else {}
     return with_overrides(base, {**settings, **sample})
@@ -160,6 +176,27 @@ def optuna_space(space: Mapping[str, SpaceParam]) -> dict[str, BaseDistribution]
                 math.ceil(_num(p.low)), math.floor(_num(p.high)), log=p.kind == "logint"
             )
     return out
+
+
+def in_distribution(distribution: BaseDistribution, value: Any) -> bool:
+    """Whether ``value`` is one that ``distribution`` can produce (bounds, step, choices).
+
+    Read from the distributions' public fields: Optuna's own check is private.
+    """
+    from optuna.distributions import CategoricalDistribution
+
+    if isinstance(distribution, CategoricalDistribution):
+        return value in distribution.choices
+    low, high = getattr(distribution, "low", None), getattr(distribution, "high", None)
+    if low is None or high is None or not isinstance(value, (int, float)):
+        return False
+    if isinstance(value, bool) or not low <= value <= high:
+        return False
+    step = getattr(distribution, "step", None)
+    if not step:
+        return True
+    steps = (value - low) / step
+    return math.isclose(steps, round(steps), abs_tol=1e-8)
 
 
 def grid_size(space: Mapping[str, SpaceParam]) -> int:

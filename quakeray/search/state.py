@@ -1,15 +1,12 @@
-"""A search's folder and the state file in it: what ``quakeray tune --resume`` needs.
+"""The state file of a search: what ``quakeray tune --resume`` needs to continue it.
 
-One search is one folder, ``<run.storage_path>/<name>-<time>`` (a local path or a URI:
-``s3://``, ``gs://``, ``file://``), holding Tune's experiment state, the trials' Train
-runs under ``train/`` and :data:`STATE_FILE`, written before the first trial. Every
-access goes through :mod:`quakeray.storage`, as Ray's own does through ``pyarrow.fs``.
+Written into the search folder (:mod:`.layout`) before the first trial, atomically;
+read back and checked by :func:`load_search_state`.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -17,34 +14,20 @@ from quakeray import storage
 from quakeray.config import ExperimentConfig, from_dict
 from quakeray.data.prepare import PreparedData
 from quakeray.errors import SearchError
+from quakeray.search.layout import STATE_FILE, SearchRef
 
-__all__ = [
-    "STATE_FILE",
-    "STATE_VERSION",
-    "TRAIN_SUBDIR",
-    "SearchState",
-    "load_search_state",
-    "new_search_dir",
-    "train_run_dir",
-    "write_state",
-]
+__all__ = ["STATE_VERSION", "SearchState", "load_search_state", "write_state"]
 
-STATE_FILE = "quakeray_search.json"
-"""Written into the search folder before the first trial: what ``--resume`` needs."""
-
-STATE_VERSION = 3
-"""3: the package's modules moved (Tune's pickled state names them); 2: the driver does
-all of the trials' MLflow work (1: the trials did)."""
-
-TRAIN_SUBDIR = "train"
-"""Train runs of the trials live in ``<search folder>/train/train-<trial id>``."""
+STATE_VERSION = 4
+"""Bumped whenever a class that Tune pickles with the search changes shape (4: a trial's
+identity travels as one ``TrialSpec``, ASHA counts epochs under its own key)."""
 
 _REQUIRED = ("config", "tracking_uri", "experiment_id", "parent_run_id", "data_path")
 
 
 @dataclass(frozen=True)
 class SearchState:
-    """The contents of :data:`STATE_FILE` (JSON, these keys)."""
+    """The contents of :data:`~quakeray.search.layout.STATE_FILE` (JSON, these keys)."""
 
     config: dict[str, Any]  # the search's resolved config (to_dict)
     tracking_uri: str
@@ -65,55 +48,14 @@ class SearchState:
         """The data the search's trials train on."""
         return PreparedData(self.data_path, self.stats_path)
 
-
-def train_run_dir(search_dir: str, trial_id: str) -> str:
-    """The Train run folder of a trial (``<search folder>/train/train-<trial id>``)."""
-    return storage.join(search_dir, TRAIN_SUBDIR, f"train-{trial_id}")
-
-
-def new_search_dir(location: str, name: str) -> str:
-    """A new folder ``<location>/<name>-<time>[-n]``: a local path or a URI (s3://, ...).
-
-    Raises:
-        SearchError: The folder cannot be created there.
-    """
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = f"{name}-{stamp}"
-    try:
-        folder, n = storage.join(location, base), 1
-        # Locally the folder is made in one step that fails when it exists: two searches
-        # started in the same second get -1 and -2, never one folder between them.
-        while not _made_new(folder):
-            n += 1
-            folder = storage.join(location, f"{base}-{n}")
-    except (OSError, ValueError) as exc:  # unknown scheme, no credentials, read-only
-        raise SearchError(
-            f"run.storage_path {location}: cannot create the search folder ({exc}); "
-            "set run.storage_path to a writable path or s3://BUCKET/PREFIX"
-        ) from None
-    return folder
+    def ref(self, folder: str) -> SearchRef:
+        """The search this state describes, in ``folder``."""
+        return SearchRef(folder, self.tracking_uri, self.experiment_id, self.parent_run_id)
 
 
-def _made_new(folder: str) -> bool:
-    """Create ``folder``; False when it already exists."""
-    if storage.is_remote(folder):
-        if storage.exists(folder):
-            return False
-        storage.makedirs(folder)
-        return True
-    path = storage.local_path(folder)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        path.mkdir()
-    except FileExistsError:
-        return False
-    return True
-
-
-def write_state(search_dir: str, state: SearchState) -> None:
-    """Write :data:`STATE_FILE` atomically (readers see the old or the new file)."""
-    text = json.dumps(asdict(state), indent=1)
-    storage.write_text_atomic(storage.join(search_dir, STATE_FILE), text)
+def write_state(ref: SearchRef, state: SearchState) -> None:
+    """Write the state file atomically (readers see the old or the new file)."""
+    storage.write_text_atomic(ref.state_file, json.dumps(asdict(state), indent=1))
 
 
 def load_search_state(path: str) -> tuple[str, SearchState]:

@@ -36,6 +36,8 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from quakeray.compat import optuna_completed, optuna_study, optuna_trial
+
 __all__ = ["StudySearch"]
 
 log = logging.getLogger(__name__)
@@ -46,14 +48,15 @@ EPOCH_KEY = "epoch"
 class StudySearch(OptunaSearch):  # type: ignore[misc]
     """Ray's ``OptunaSearch`` with pruned trials, per-epoch values and MLflow run ids."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *, space: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(space=space, **kwargs)
+        self.distributions = dict(space)  # the Optuna distributions searched
         self._last_epoch: dict[str, int] = {}  # trial id -> epoch of its last result told
         self._steps: dict[str, set[int]] = {}  # trial id -> epochs reported to Optuna
 
     def set_trial_user_attrs(self, trial_id: str, attrs: Mapping[str, Any]) -> None:
         """Set user attributes of the trial's Optuna trial (no-op for a trial not asked here)."""
-        ot_trial = self._ot_trials.get(trial_id)
+        ot_trial = optuna_trial(self, trial_id)
         if ot_trial is None:
             return
         try:
@@ -64,7 +67,7 @@ class StudySearch(OptunaSearch):  # type: ignore[misc]
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         """An epoch the scheduler let go on: its value, an intermediate value at its epoch."""
-        if trial_id in self._completed_trials or EPOCH_KEY not in result:
+        if trial_id in optuna_completed(self) or EPOCH_KEY not in result:
             return  # Ray's OptunaSearch would report at training_iteration; never here
         self._last_epoch[trial_id] = int(result[EPOCH_KEY])
         self._report(trial_id, result)
@@ -73,10 +76,10 @@ class StudySearch(OptunaSearch):  # type: ignore[misc]
         self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
     ) -> None:
         """Tell Optuna how the trial ended: COMPLETE, PRUNED (stopped early) or FAIL."""
-        ot_trial = self._ot_trials.get(trial_id)
-        if trial_id in self._completed_trials or ot_trial is None:
+        ot_trial = optuna_trial(self, trial_id)
+        if trial_id in optuna_completed(self) or ot_trial is None:
             return
-        self._completed_trials.add(trial_id)
+        optuna_completed(self).add(trial_id)
         result = result or {}
         raw = result.get(self.metric)
         value = float(raw) if isinstance(raw, (int, float)) else None
@@ -90,9 +93,8 @@ class StudySearch(OptunaSearch):  # type: ignore[misc]
             self._report(trial_id, result)  # a stopped trial's last epoch is told only here
             if self._last_epoch.get(trial_id) != epoch:
                 state, told = TrialState.PRUNED, None
-        study: Any = self._ot_study  # Ray types it None until the study exists
         try:
-            study.tell(ot_trial, told, state=state)
+            optuna_study(self).tell(ot_trial, told, state=state)
         except Exception:
             log.warning("Optuna: could not tell trial %s (%s)", trial_id, state.name, exc_info=True)
 
@@ -116,17 +118,15 @@ class StudySearch(OptunaSearch):  # type: ignore[misc]
             super().add_evaluated_point(parameters, value, error, pruned, intermediate_values)
             return
         state = TrialState.FAIL if error else TrialState.PRUNED if pruned else TrialState.COMPLETE
-        study: Any = self._ot_study
-        space: Any = self._space  # a dict of distributions here (build_searcher's)
         trial = optuna.trial.create_trial(
             state=state,
             value=None if error else value,
             params=parameters,
-            distributions=space,
+            distributions=self.distributions,
             intermediate_values=dict(steps or {}),
             user_attrs=dict(user_attrs or {}),
         )
-        study.add_trial(trial)
+        optuna_study(self).add_trial(trial)
 
     def _report(self, trial_id: str, result: Mapping[str, Any]) -> None:
         """The result's metric as the intermediate value of its epoch, once per epoch."""
@@ -138,7 +138,7 @@ class StudySearch(OptunaSearch):  # type: ignore[misc]
         if epoch in told or epoch < 0:
             return
         try:
-            self._ot_trials[trial_id].report(float(raw), step=epoch)
+            optuna_trial(self, trial_id).report(float(raw), step=epoch)
         except Exception:
             log.warning("Optuna: epoch %d of trial %s not reported", epoch, trial_id, exc_info=True)
             return

@@ -11,18 +11,20 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 from ray.tune.search import Searcher
 
 from quakeray import storage, tracking
-from quakeray.checkpoint import HISTORY_FILE, parse_history
+from quakeray.checkpoint import read_history
 from quakeray.config import ExperimentConfig, flatten
-from quakeray.search.finalizer import in_background, wait_for_finalizers
+from quakeray.search.finalizer import Finalizer
+from quakeray.search.layout import SearchRef
+from quakeray.search.recovery import RecoveryPlan
 from quakeray.search.runs import (
     CHECKPOINT_KEY,
-    RUN_KEY,
     TrialStatus,
     close_trial_run,
     find_trial_run,
@@ -31,15 +33,8 @@ from quakeray.search.runs import (
     reopen_trial_run,
 )
 from quakeray.search.searchers import SearcherWrapper, set_trial_user_attrs
-from quakeray.search.space import (
-    CONFIRM_KEY,
-    REFERENCE_KEY,
-    sample_of,
-    trial_config,
-    trial_params,
-    varying_fields,
-)
-from quakeray.search.unsaved import TRAIN_KEY, take_unsaved_trial
+from quakeray.search.space import trial_config, trial_params, varying_fields
+from quakeray.search.trial_spec import SPEC_KEY, TrialSpec, sample_of, spec_of
 from quakeray.tracking import tags
 from quakeray.tracking.datasets import log_dataset
 
@@ -52,85 +47,82 @@ log = logging.getLogger(__name__)
 
 
 class TrialRunOpener(SearcherWrapper):
-    """Outermost searcher: opens each suggested trial's child run and passes its id on.
+    """Outermost searcher: opens each suggested trial's child run and completes its spec.
 
     Opening the run here, in the driver, costs milliseconds; in the trial's fresh process
-    it would cost MLflow's imports and store set-up. The run id travels in the trial's
-    config (:data:`RUN_KEY`), so a trial Tune restarts (after a failure, or on
-    ``--resume``) continues in the same run. Picklable (plain strings and dicts): Tune
-    saves it with the experiment and ``Tuner.restore`` brings it back.
+    it would cost MLflow's imports and store set-up. The run travels in the trial's
+    :class:`~quakeray.search.trial_spec.TrialSpec`, so a trial Tune restarts (after a
+    failure, or on ``--resume``) continues in the same run. Picklable: Tune saves it with
+    the experiment and ``Tuner.restore`` brings it back; a resumed search hands it its
+    :class:`~quakeray.search.recovery.RecoveryPlan` (:meth:`recover`).
     """
 
+    transient = ("searcher", "recovery")
+
     def __init__(
-        self,
-        searcher: Searcher,
-        *,
-        uri: str,
-        experiment_id: str,
-        parent_run_id: str,
-        search_name: str,
-        base: ExperimentConfig,
-        data_path: str = "",
+        self, searcher: Searcher, *, ref: SearchRef, base: ExperimentConfig, data_path: str = ""
     ) -> None:
         super().__init__(searcher)
-        self.data_path = data_path  # the prepared data file: each trial's MLflow input
-        self.uri = uri
-        self.experiment_id = experiment_id
-        self.parent_run_id = parent_run_id
-        self.search_name = search_name
+        self.ref = ref
         self.base = base
+        self.data_path = data_path  # the prepared data file: each trial's MLflow input
+        self.sampled = 0  # sampled trials so far: their run names' numbers
+        self.recovery: RecoveryPlan | None = None
+
+    def recover(self, plan: RecoveryPlan) -> None:
+        """Continue the runs a killed driver left (``plan``) when their settings come again."""
+        self.recovery = plan
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
-        """The wrapped searcher's suggestion, with the id of the child run opened for it."""
+        """The wrapped searcher's suggestion, with the spec of the run opened for it."""
         config = self.searcher.suggest(trial_id)
         if not isinstance(config, dict):  # None (wait) or Searcher.FINISHED
             return config  # type: ignore[no-any-return]
-        unsaved = take_unsaved_trial(self.parent_run_id, self.base, config)
+        spec = spec_of(config)
+        unsaved = self.recovery.take(self.base, config) if self.recovery else None
         if unsaved is not None:  # a resumed search: that trial ran; continue it, in its run
-            run_id, earlier = unsaved
-            log.info("trial %s continues trial %s (run %s)", trial_id, earlier, run_id)
-            config = {**config, TRAIN_KEY: earlier}
-            if not (config.get(REFERENCE_KEY) or config.get(CONFIRM_KEY)):
-                self.sampled = getattr(self, "sampled", 0) + 1  # its number: no name twice
+            log.info(
+                "trial %s continues trial %s (run %s)", trial_id, unsaved.trial_id, unsaved.run_id
+            )
+            if spec.role == "sampled":
+                self.sampled += 1  # its number: no name twice
             # The run is this trial's now (the search's tables join runs to Tune's trials).
-            tracking.RunLogger(self.uri, run_id).set_tags(
-                {tags.TRIAL_ID: trial_id, tags.CONTINUES: earlier}
+            tracking.RunLogger(self.ref.uri, unsaved.run_id).set_tags(
+                {tags.TRIAL_ID: trial_id, tags.CONTINUES: unsaved.trial_id}
+            )
+            spec = replace(
+                spec,
+                run_id=unsaved.run_id,
+                run_name=unsaved.run_name,
+                continues=unsaved.trial_id,
             )
         else:
-            run_id = self._open(trial_id, config)
+            spec = self._open(trial_id, config, spec)
         attrs = {
             "tune_trial_id": trial_id,
-            "mlflow_run_id": run_id,
-            "mlflow_experiment_id": self.experiment_id,
-            "mlflow_tracking_uri": _public_uri(self.uri),
+            "mlflow_run_id": spec.run_id,
+            "mlflow_experiment_id": self.ref.experiment_id,
+            "mlflow_tracking_uri": _public_uri(self.ref.uri),
         }
         set_trial_user_attrs(self.searcher, trial_id, attrs)  # the Optuna trial names its run
-        return {**config, RUN_KEY: run_id}
+        return {**config, SPEC_KEY: spec}
 
-    def _open(self, trial_id: str, config: Mapping[str, Any]) -> str:
-        reference, confirm = config.get(REFERENCE_KEY), config.get(CONFIRM_KEY)
-        run_tags = {tags.SEARCH: self.search_name}
-        if reference:
-            run_tags[tags.REFERENCE] = reference
-            run_name = str(reference)
-        elif confirm:
+    def _open(self, trial_id: str, config: Mapping[str, Any], spec: TrialSpec) -> TrialSpec:
+        run_tags = {tags.SEARCH: self.base.search.name}
+        if spec.role == "reference":
+            run_tags[tags.REFERENCE] = spec.label
+            run_name = spec.label
+        elif spec.role == "confirm":
             seed = str(config.get("optim.seed", ""))
-            run_tags |= {tags.ROLE: "confirm", tags.CONFIRM: confirm, tags.SEED: seed}
-            run_name = f"seed-{confirm}-{seed}"
+            run_tags |= {tags.ROLE: "confirm", tags.CONFIRM: spec.label, tags.SEED: seed}
+            run_name = f"seed-{spec.label}-{seed}"
         else:
-            self.sampled = getattr(self, "sampled", 0) + 1  # (a restored older opener has none)
+            self.sampled += 1
             run_name = trial_run_name(self.base.search.sampler, self.sampled, sample_of(config))
-        run_id = open_trial_run(
-            self.uri,
-            self.experiment_id,
-            self.parent_run_id,
-            trial_id,
-            run_name=run_name,
-            extra_tags=run_tags,
-        )
+        run_id = open_trial_run(self.ref, trial_id, run_name=run_name, extra_tags=run_tags)
         # The searched fields first: a config the sample breaks is still visible in MLflow
         # (the trial then fails on the same error, and the tracker records it).
-        logger = tracking.RunLogger(self.uri, run_id)
+        logger = tracking.RunLogger(self.ref.uri, run_id)
         logger.log_params(trial_params(self.base, config))
         try:
             cfg = trial_config(self.base, config)
@@ -140,10 +132,10 @@ class TrialRunOpener(SearcherWrapper):
             # Only what differs from the parent's settings (which hold the rest once).
             shared, varying = flatten(self.base), varying_fields(self.base)
             own = {k: v for k, v in flatten(cfg).items() if k in varying or shared.get(k) != v}
-            tracking.log_config(self.uri, run_id, cfg, params=own)
-        if getattr(self, "data_path", ""):  # (a restored older opener has none)
-            log_dataset(self.uri, run_id, self.data_path, ["train", "validation"])
-        return run_id
+            tracking.log_config(self.ref.uri, run_id, cfg, params=own)
+        if self.data_path:
+            log_dataset(self.ref.uri, run_id, self.data_path, ["train", "validation"])
+        return replace(spec, run_id=run_id, run_name=run_name)
 
 
 _SHORT_NAMES = {"loss.margin": "m", "loss.rank_weight": "w", "optim.lr": "lr"}
@@ -162,31 +154,35 @@ def trial_run_name(sampler: str, index: int, sample: Mapping[str, Any]) -> str:
 class TrialRunTracker(Callback):  # type: ignore[misc]
     """Tune callback (driver side): epoch metrics, restarts and the end of child runs.
 
-    Picklable (plain strings, dicts and sets only): Tune stores it with the experiment,
-    and ``Tuner.restore`` brings it back for a resumed search.
+    Picklable (plain strings, dicts and sets; its finaliser thread is not saved): Tune
+    stores it with the experiment, and ``Tuner.restore`` brings it back for a resumed
+    search, which starts a finaliser of its own.
     """
 
     def __init__(
-        self,
-        uri: str,
-        experiment_id: str,
-        parent_run_id: str,
-        *,
-        base: ExperimentConfig,
-        metric_names: tuple[str, ...],
-        train_storage: str,
+        self, ref: SearchRef, *, base: ExperimentConfig, metric_names: tuple[str, ...]
     ) -> None:
-        self.uri = uri
-        self.experiment_id = experiment_id
-        self.parent_run_id = parent_run_id
+        self.ref = ref
         self.base = base
         self.metric_names = metric_names
-        self.train_storage = train_storage  # gives reported checkpoint paths their scheme
         self._stopped: set[str] = set()
         self._logged: dict[str, set[int]] = {}  # run id -> epochs in MLflow
         self._best: dict[str, tuple[float, str]] = {}  # trial id -> (score, checkpoint)
         self._filled: set[str] = set()  # run ids whose missed epochs were looked up
-        self._ranked_by: dict[str, str] = {}  # trial id -> its run.checkpoint_metric
+        self._finalizer: Finalizer | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_finalizer"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _finalizer=None)
+
+    @property
+    def finalizer(self) -> Finalizer:
+        """The thread this tracker's ended trials are finalised on (started on first use)."""
+        if self._finalizer is None:
+            self._finalizer = Finalizer()
+        return self._finalizer
 
     @property
     def gaps_looked_up(self) -> frozenset[str]:
@@ -216,13 +212,14 @@ class TrialRunTracker(Callback):  # type: ignore[misc]
             self._stopped.add(trial.trial_id)
         if "epoch" not in result:
             return
-        raw, path = result.get(self._score_metric(trial)), result.get(CHECKPOINT_KEY)
+        metric = trial_config(self.base, trial.config).run.checkpoint_metric
+        raw, path = result.get(metric), result.get(CHECKPOINT_KEY)
         score = float(raw) if isinstance(raw, (int, float)) else math.nan
         best = self._best.get(trial.trial_id)
         if path and math.isfinite(score) and (best is None or score < best[0]):
             self._best[trial.trial_id] = (
                 score,
-                storage.with_scheme_of(str(path), self.train_storage),
+                storage.with_scheme_of(str(path), self.ref.train_root),
             )
         self._guarded(trial, lambda run_id: self._log_epoch(run_id, result))
 
@@ -231,16 +228,15 @@ class TrialRunTracker(Callback):  # type: ignore[misc]
     ) -> None:
         """Finalize from the best checkpoint, then close: ``stopped`` or ``completed``.
 
-        Both happen on the finaliser thread (:func:`wait_for_finalizers`); what they
-        need of the trial is taken now.
+        Both happen on the finaliser thread; what they need of the trial is taken now.
         """
         status: TrialStatus = "stopped" if trial.trial_id in self._stopped else "completed"
         best = self._best.get(trial.trial_id)
-        config = dict(getattr(trial, "config", None) or {})
+        config = dict(trial.config or {})
 
         def finish(run_id: str) -> None:
             finish_trial_run(
-                self.uri,
+                self.ref.uri,
                 run_id,
                 base=self.base,
                 config=config,
@@ -249,11 +245,12 @@ class TrialRunTracker(Callback):  # type: ignore[misc]
                 trial_id=trial.trial_id,
             )
 
-        in_background(config.get(RUN_KEY), lambda: self._guarded(trial, finish))
+        run_id = spec_of(config).run_id or None
+        self.finalizer.submit(run_id, lambda: self._guarded(trial, finish))
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         """Tune's search ended: the last trials' runs are closed before Tune returns."""
-        wait_for_finalizers()
+        self.finalizer.wait()
 
     def on_trial_error(
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
@@ -263,18 +260,10 @@ class TrialRunTracker(Callback):  # type: ignore[misc]
         self._guarded(
             trial,
             lambda run_id: close_trial_run(
-                self.uri, run_id, "failed", error=error, only_if_running=True
+                self.ref.uri, run_id, "failed", error=error, only_if_running=True
             ),
             create=True,
         )
-
-    def _score_metric(self, trial: Trial) -> str:
-        """What Train ranks this trial's checkpoints by (a sample may change it)."""
-        ranked_by = self.__dict__.setdefault("_ranked_by", {})  # a tracker from older state
-        if trial.trial_id not in ranked_by:
-            config = getattr(trial, "config", None) or {}
-            ranked_by[trial.trial_id] = trial_config(self.base, config).run.checkpoint_metric
-        return str(ranked_by[trial.trial_id])
 
     def _guarded(self, trial: Trial, action: Any, *, create: bool = False) -> None:
         """Run ``action(run_id)`` for the trial's run; tracking trouble never stops a search."""
@@ -286,29 +275,23 @@ class TrialRunTracker(Callback):  # type: ignore[misc]
             log.warning("MLflow tracking failed for trial %s", trial.trial_id, exc_info=True)
 
     def _run_id(self, trial: Trial, *, create: bool) -> str | None:
-        run_id = (getattr(trial, "config", None) or {}).get(RUN_KEY)
+        run_id = spec_of(trial.config or {}).run_id
         if run_id:
-            return str(run_id)
-        run = find_trial_run(self.uri, self.experiment_id, self.parent_run_id, trial.trial_id)
+            return run_id
+        run = find_trial_run(self.ref, trial.trial_id)
         if run is not None:
             return str(run.info.run_id)
         if not create:
             return None
-        return open_trial_run(
-            self.uri,
-            self.experiment_id,
-            self.parent_run_id,
-            trial.trial_id,
-            run_name=f"trial-{trial.trial_id}",
-        )
+        return open_trial_run(self.ref, trial.trial_id, run_name=f"trial-{trial.trial_id}")
 
     def _reopen(self, run_id: str) -> None:
-        run = tracking.mlflow_client(self.uri).get_run(run_id)
+        run = tracking.mlflow_client(self.ref.uri).get_run(run_id)
         if run.info.status != "RUNNING":  # else a first start: the opener left it running
-            reopen_trial_run(self.uri, run)
+            reopen_trial_run(self.ref.uri, run)
 
     def _log_epoch(self, run_id: str, result: Mapping[str, Any]) -> None:
-        logger = tracking.RunLogger(self.uri, run_id)
+        logger = tracking.RunLogger(self.ref.uri, run_id)
         if run_id not in self._logged:  # first result this session: skip epochs logged before
             self._logged[run_id] = logger.logged_steps("epoch")
         logged = self._logged[run_id]
@@ -341,9 +324,8 @@ class TrialRunTracker(Callback):  # type: ignore[misc]
         path = result.get(CHECKPOINT_KEY)
         if not path:
             return []
-        file = storage.join(storage.with_scheme_of(str(path), self.train_storage), HISTORY_FILE)
         # Only this small file, also from s3:// (a checkpoint holds the model's state).
-        history = parse_history(storage.read_text(file)) if storage.is_file(file) else []
+        history = read_history(storage.with_scheme_of(str(path), self.ref.train_root))
         missed = []
         for epoch_metrics in history:
             epoch = int(epoch_metrics.get("epoch") or 0)

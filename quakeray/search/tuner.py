@@ -1,63 +1,59 @@
-"""The Tune side of a search: its trainable, its tuners, and a fit that Ctrl-C leaves resumable.
+"""The Tune side of a search: its tuners, and a fit that Ctrl-C leaves resumable.
 
-Shared by the search itself (:mod:`.command`) and its seed confirmation
-(:mod:`.confirm`), each one Tune experiment: the search's in its folder, the
-confirmation's in ``<folder>/confirm``.
+Shared by the search itself (:mod:`.command`) and its seed check (:mod:`.confirm`), each
+one Tune experiment: the search's in its folder, the seed check's in
+``<folder>/confirm``. A :class:`SearchTuner` is Tune's ``Tuner`` with the two parts of
+quakeray's that the driver talks to while it runs: the run opener (the outermost
+searcher) and the run tracker (a Tune callback).
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from quakeray import storage, tracking
+from quakeray import tracking
+from quakeray.compat import restored_callbacks, restored_search_alg, tune_was_interrupted
 from quakeray.config import ExperimentConfig
 from quakeray.data.prepare import PreparedData
+from quakeray.errors import SearchError
 from quakeray.metrics import EPOCH_METRICS
 from quakeray.search.console import EpochLines
-from quakeray.search.finalizer import wait_for_finalizers
+from quakeray.search.layout import SearchRef
 from quakeray.search.runs import close_open_children
-from quakeray.search.state import TRAIN_SUBDIR
 from quakeray.search.tracker import TrialRunOpener, TrialRunTracker
-from quakeray.search.trial import TrialSetup, in_process, search_trial, trial_resources
+from quakeray.search.trainable import TrialSetup, in_process, trainable
 
 if TYPE_CHECKING:
     from ray.tune import ResultGrid, Tuner
     from ray.tune.schedulers import TrialScheduler
 
-__all__ = ["Search", "fit", "new_tuner", "restored_tuner"]
+__all__ = ["Search", "SearchTuner", "fit", "new_tuner", "restored_tuner"]
 
 
 @dataclass(frozen=True)
 class Search:
-    """Where one search lives: its config, folder, MLflow parent run and data."""
+    """One search as the driver runs it: its config, where it lives, its data."""
 
     cfg: ExperimentConfig
-    folder: str
-    uri: str
-    experiment_id: str
-    parent: str
+    ref: SearchRef
     data: PreparedData
 
+    def setup(self, *, test_trials: bool) -> TrialSetup:
+        """What each trial of this search is shipped besides its config."""
+        return TrialSetup(base=self.cfg, ref=self.ref, data=self.data, test_trials=test_trials)
 
-def trainable(search: Search, *, test_trials: bool) -> Any:
-    """``search_trial`` with the search's setup and the trial's CPU reservation."""
-    from ray import tune
 
-    setup = TrialSetup(
-        base=search.cfg,
-        tracking_uri=search.uri,
-        data=search.data,
-        train_storage=storage.join(search.folder, TRAIN_SUBDIR),
-        test_trials=test_trials,
-    )
-    return tune.with_resources(
-        tune.with_parameters(search_trial, setup=setup), trial_resources(search.cfg)
-    )
+@dataclass(frozen=True)
+class SearchTuner:
+    """A Tune experiment of a search, with its run opener and its run tracker."""
+
+    tuner: Tuner
+    opener: TrialRunOpener  # opens each trial's run; continues what a killed driver left
+    tracker: TrialRunTracker  # logs each epoch; closes the runs of ended trials
 
 
 def new_tuner(
@@ -69,33 +65,20 @@ def new_tuner(
     test_trials: bool,
     scheduler: TrialScheduler | None = None,
     callbacks: Sequence[Any] = (),
-) -> Tuner:
+) -> SearchTuner:
     """A Tune experiment in ``folder`` whose trials log into child runs of the search.
 
     ``searcher`` is wrapped in the :class:`TrialRunOpener` that opens each trial's run.
     """
     from ray import tune
 
+    from quakeray import storage
+
     s = search.cfg.search
-    opener = TrialRunOpener(
-        searcher,
-        uri=search.uri,
-        experiment_id=search.experiment_id,
-        parent_run_id=search.parent,
-        search_name=s.name,
-        base=search.cfg,
-        data_path=search.data.path,
-    )
-    tracker = TrialRunTracker(
-        search.uri,
-        search.experiment_id,
-        search.parent,
-        base=search.cfg,
-        metric_names=EPOCH_METRICS,
-        train_storage=storage.join(search.folder, TRAIN_SUBDIR),
-    )
-    return tune.Tuner(
-        trainable(search, test_trials=test_trials),
+    opener = TrialRunOpener(searcher, ref=search.ref, base=search.cfg, data_path=search.data.path)
+    tracker = TrialRunTracker(search.ref, base=search.cfg, metric_names=EPOCH_METRICS)
+    tuner = tune.Tuner(
+        trainable(search.setup(test_trials=test_trials)),
         tune_config=tune.TuneConfig(
             search_alg=opener,
             scheduler=scheduler,
@@ -116,69 +99,72 @@ def new_tuner(
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
+    return SearchTuner(tuner, opener, tracker)
 
 
-def restored_tuner(search: Search, *, folder: str, test_trials: bool) -> Tuner:
-    """The Tune experiment in ``folder``, restored: unfinished trials restart."""
+def restored_tuner(search: Search, *, folder: str, test_trials: bool) -> SearchTuner:
+    """The Tune experiment in ``folder``, restored: unfinished trials restart.
+
+    Args:
+        search: The search.
+        folder: The Tune experiment (the search's folder, or its seed check's).
+        test_trials: Score each trial's best checkpoint on test.
+    """
     from ray import tune
 
-    return tune.Tuner.restore(
+    tuner = tune.Tuner.restore(
         folder,
-        trainable(search, test_trials=test_trials),
+        trainable(search.setup(test_trials=test_trials)),
         resume_unfinished=True,
         resume_errored=False,
         restart_errored=False,
     )
+    callbacks = restored_callbacks(tuner)
+    tracker = next((c for c in callbacks if isinstance(c, TrialRunTracker)), None)
+    opener = _restored_opener(tuner)
+    if tracker is None or opener is None:
+        raise SearchError(f"--resume {folder}: Tune's saved experiment holds no quakeray search")
+    return SearchTuner(tuner, opener, tracker)
 
 
-def fit(tuner: Tuner, search: Search) -> ResultGrid:
+def _restored_opener(tuner: Tuner) -> TrialRunOpener | None:
+    found = restored_search_alg(tuner)
+    return found if isinstance(found, TrialRunOpener) else None
+
+
+def fit(search_tuner: SearchTuner, search: Search) -> ResultGrid:
     """``tuner.fit()``; an interrupted search closes its open runs and says how to resume.
 
     Raises:
         KeyboardInterrupt: Ctrl-C (or SIGTERM), during the fit or caught by Tune.
     """
     handler = signal.getsignal(signal.SIGINT)
+    finalizer = search_tuner.tracker.finalizer
     try:
         try:
-            results = tuner.fit()
+            results = search_tuner.tuner.fit()
         finally:
             # Ended trials' runs are closed before anything reads runs or closes the rest.
-            wait_for_finalizers()
-        interrupted = _tune_was_interrupted()
+            finalizer.wait()
+        interrupted = tune_was_interrupted()
     except BaseException as exc:
         # Trials still open were cut off with the driver: cancelled, resumable.
-        _stop(search, by_user=isinstance(exc, KeyboardInterrupt))
+        _stop(search, by_user=isinstance(exc, KeyboardInterrupt), finalising=finalizer.pending())
         raise
     finally:
         # Tune leaves its own SIGINT handler behind, which would swallow a later Ctrl-C.
         _restore_sigint(handler)
     if interrupted:
-        _stop(search, by_user=True)
+        _stop(search, by_user=True, finalising=finalizer.pending())
         raise KeyboardInterrupt
     return results
 
 
-def _stop(search: Search, *, by_user: bool) -> None:
-    close_open_children(search.uri, search.experiment_id, search.parent)
-    tracking.end_run(search.uri, search.parent, "KILLED" if by_user else "FAILED")
+def _stop(search: Search, *, by_user: bool, finalising: frozenset[str]) -> None:
+    close_open_children(search.ref, finalising=finalising)
+    tracking.end_run(search.ref.uri, search.ref.parent_run_id, "KILLED" if by_user else "FAILED")
     if by_user:
-        print(f"interrupted; continue with: quakeray tune --resume {search.folder}", flush=True)
-
-
-def _tune_was_interrupted() -> bool:
-    """Whether ``Tuner.fit`` returned because of Ctrl-C (SIGINT) or SIGUSR1.
-
-    Tune reports an interruption only in a log line, and its returned trials all look
-    TERMINATED (it stops live trials on the way out). But its signal handler, installed
-    for the duration of ``fit`` on the main thread, puts the previous handler back when
-    the signal arrives, and stays installed otherwise.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    if int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0")):
-        return False
-    current = signal.getsignal(signal.SIGINT)
-    return getattr(current, "__name__", "") != "signal_interrupt_tune_run"
+        print(f"interrupted; continue with: quakeray tune --resume {search.ref.folder}", flush=True)
 
 
 def _restore_sigint(handler: Any) -> None:

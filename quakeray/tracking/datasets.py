@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Sequence
 
 from quakeray import storage
+from quakeray.compat import mlflow_dataset_entity
 from quakeray.tracking.store import mlflow_client
 
 __all__ = ["CONTEXT_TAG", "file_digest", "log_dataset"]
@@ -59,5 +60,5 @@ def log_dataset(uri: str, run_id: str, path: str, contexts: Sequence[str]) -> No
         name = f"{stem}/{context}"
         dataset = MetaDataset(source, name=name, digest=split_digest)  # type: ignore[abstract]
         tags = [InputTag(CONTEXT_TAG, context)]
-        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=tags))
+        inputs.append(DatasetInput(mlflow_dataset_entity(dataset), tags=tags))
     mlflow_client(uri).log_inputs(run_id, datasets=inputs)

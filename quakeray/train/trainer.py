@@ -160,7 +160,7 @@ def fit(trainer: Any) -> Any:
     as ``KeyboardInterrupt`` (the MLflow run ends KILLED, the CLI exits 130), so the
     ``SystemExit`` is translated and the previous handler put back.
     """
-    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
+    from ray.train import ControllerError, WorkerGroupError
 
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGINT) if main_thread else None

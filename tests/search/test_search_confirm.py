@@ -16,7 +16,7 @@ from quakeray.search import SearchSummary, run_search
 from quakeray.search.confirm import confirmation_points
 from quakeray.search.results import TrialRow
 from quakeray.search.runs import child_runs
-from quakeray.search.space import CONFIRM_KEY
+from quakeray.search.trial_spec import spec_of
 
 pytestmark = pytest.mark.slow
 
@@ -109,10 +109,10 @@ def test_confirmation_points_cover_each_configuration_on_each_fresh_seed() -> No
     )
     points = confirmation_points(cfg, best)
     assert len(points) == 9 and {p["optim.seed"] for p in points} == {8, 9, 10}
-    assert [p[CONFIRM_KEY] for p in points[:3]] == ["mse_only", "paper", "best"]
+    assert [spec_of(p).label for p in points[:3]] == ["mse_only", "paper", "best"]
     assert points[2]["loss.margin"] == 0.1 and points[0]["loss.rank_weight"] == 0.0
     # When the best is a reference point, it is confirmed once, under that name.
     paper = TrialRow(
         "t", "r", "completed", "paper", {"loss.margin": 0.02, "loss.rank_weight": 1.0}, 1.0, 1
     )
-    assert {p[CONFIRM_KEY] for p in confirmation_points(cfg, paper)} == {"mse_only", "paper"}
+    assert {spec_of(p).label for p in confirmation_points(cfg, paper)} == {"mse_only", "paper"}

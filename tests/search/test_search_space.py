@@ -16,11 +16,13 @@ from optuna.distributions import FloatDistribution, IntDistribution
 from ray.tune.schedulers import TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from quakeray.compat import optuna_study
 from quakeray.config import SpaceParam, load_config
 from quakeray.errors import SearchError
 from quakeray.search.scheduler import EpochASHA, build_scheduler
 from quakeray.search.searchers import GridSearcher, ReferenceFirst, build_searcher
-from quakeray.search.space import REFERENCE_KEY, check_space, optuna_space, reference_points
+from quakeray.search.space import check_space, optuna_space, reference_points
+from quakeray.search.trial_spec import SPEC_KEY, TrialSpec
 
 
 def test_optuna_space_kinds_and_inclusive_int_bounds() -> None:
@@ -89,16 +91,20 @@ def test_reference_points_first_then_tpe_and_learning_only_inside_the_space() ->
     optuna_search: OptunaSearch = ref.searcher
 
     first, second, third = (limiter.suggest(f"t{i}") for i in range(3))
-    assert first == {"loss.rank_weight": 0.0, REFERENCE_KEY: "mse_only"}
-    assert second == {"loss.margin": 0.02, "loss.rank_weight": 1.0, REFERENCE_KEY: "paper"}
-    assert REFERENCE_KEY not in third
+    assert first == {"loss.rank_weight": 0.0, SPEC_KEY: TrialSpec("reference", "mse_only")}
+    assert second == {
+        "loss.margin": 0.02,
+        "loss.rank_weight": 1.0,
+        SPEC_KEY: TrialSpec("reference", "paper"),
+    }
+    assert SPEC_KEY not in third
     assert 1e-3 <= third["loss.margin"] <= 1.0 and 1e-2 <= third["loss.rank_weight"] <= 10
 
     limiter.on_trial_result("t0", {"val_MAE": 2.0, "training_iteration": 1})
     limiter.on_trial_complete("t0", {"val_MAE": 2.0, "training_iteration": 1})
     limiter.on_trial_complete("t1", {"val_MAE": 1.5, "training_iteration": 1})
     limiter.on_trial_complete("t2", {"val_MAE": 1.7, "training_iteration": 1})
-    trials = optuna_search._ot_study.get_trials()
+    trials = optuna_study(optuna_search).get_trials()
     told = sorted(
         (t.params["loss.margin"], t.params["loss.rank_weight"], t.value)
         for t in trials
@@ -123,7 +129,7 @@ def test_searcher_chain_state_survives_save_and_restore(tmp_path: Path) -> None:
     again.searcher.set_state(ref_state)
     again.searcher.searcher.restore(str(tmp_path / "inner.pkl"))
     nxt = again.searcher.suggest("t3")
-    assert REFERENCE_KEY not in nxt  # the reference points are not served twice
+    assert SPEC_KEY not in nxt  # the reference points are not served twice
     assert again.searcher.reference_trials == {"t0": "mse_only", "t1": "paper"}
 
 
@@ -171,7 +177,7 @@ def test_persistent_optuna_study_is_not_silently_reused(tmp_path: Path) -> None:
 
 
 def _trial(tid: str, config: dict[str, object] | None = None) -> SimpleNamespace:
-    return SimpleNamespace(trial_id=tid, config=config or {})
+    return SimpleNamespace(trial_id=tid, config=config or {}, status="PENDING")
 
 
 def test_epoch_asha_stops_weak_trials_but_never_on_their_last_epoch() -> None:
@@ -209,7 +215,7 @@ def test_epoch_asha_never_stops_a_reference_point() -> None:
     asha = build_scheduler(load_config(None, ["optim.epochs=3"]))
     assert asha is not None
     asha.set_search_properties("val_MAE", "min")
-    good, baseline = _trial("good"), _trial("mse", {REFERENCE_KEY: "mse_only"})
+    good, baseline = _trial("good"), _trial("mse", {SPEC_KEY: TrialSpec("reference", "mse_only")})
     asha.on_trial_add(None, good)
     asha.on_trial_add(None, baseline)
     asha.on_trial_result(None, good, {"epoch": 0.0, "val_MAE": 1.0})

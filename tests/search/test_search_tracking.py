@@ -22,18 +22,17 @@ from mlflow.tracking import MlflowClient
 from ray.tune.search import Searcher
 
 from quakeray import tracking
-from quakeray.checkpoint import save_checkpoint
+from quakeray.checkpoint import read_history, save_checkpoint
 from quakeray.config import load_config
 from quakeray.metrics import EPOCH_METRICS, SCORE_METRIC
-from quakeray.search.finalizer import wait_for_finalizers
+from quakeray.search.layout import SearchRef
 from quakeray.search.runs import (
     CHECKPOINT_KEY,
-    RUN_KEY,
     close_trial_run,
     finish_orphaned_runs,
 )
-from quakeray.search.space import REFERENCE_KEY, sample_of
 from quakeray.search.tracker import TrialRunOpener, TrialRunTracker
+from quakeray.search.trial_spec import SPEC_KEY, TrialSpec, sample_of, spec_of
 from quakeray.tracking.tags import REFERENCE as TAG_REFERENCE
 from quakeray.tracking.tags import RESTARTS as TAG_RESTARTS
 from quakeray.tracking.tags import STATUS as TAG_STATUS
@@ -59,11 +58,15 @@ class Scripted(Searcher):  # type: ignore[misc]
         self.completed.append(trial_id)
 
 
+TRACKERS: list[TrialRunTracker] = []
+
+
 @pytest.fixture(autouse=True)
 def _drained() -> Any:
-    """No test leaves work on the finaliser thread for the next one."""
+    """No test leaves work on a finaliser thread for the next one."""
     yield
-    wait_for_finalizers()
+    while TRACKERS:
+        TRACKERS.pop().finalizer.wait()
 
 
 def _parent(uri: str) -> tuple[str, str]:
@@ -73,25 +76,18 @@ def _parent(uri: str) -> tuple[str, str]:
 
 def _opener(uri: str, suggestions: list[Any]) -> TrialRunOpener:
     experiment, parent = _parent(uri)
+    base = load_config(None, ["model.backbone=test_resnet", "search.name=search-tracking"])
     return TrialRunOpener(
-        Scripted(suggestions),
-        uri=uri,
-        experiment_id=experiment,
-        parent_run_id=parent,
-        search_name="search-tracking",
-        base=BASE,
+        Scripted(suggestions), ref=SearchRef("/runs", uri, experiment, parent), base=base
     )
 
 
-def _tracker(opener: TrialRunOpener, train_storage: str = "/runs/train") -> TrialRunTracker:
-    return TrialRunTracker(
-        opener.uri,
-        opener.experiment_id,
-        opener.parent_run_id,
-        base=BASE,
-        metric_names=EPOCH_METRICS,
-        train_storage=train_storage,
-    )
+def _tracker(opener: TrialRunOpener, folder: str = "/runs") -> TrialRunTracker:
+    """A tracker of the opener's search, in ``folder`` (its trials train in ``folder/train``)."""
+    ref = SearchRef(folder, opener.ref.uri, opener.ref.experiment_id, opener.ref.parent_run_id)
+    tracker = TrialRunTracker(ref, base=BASE, metric_names=EPOCH_METRICS)
+    TRACKERS.append(tracker)
+    return tracker
 
 
 def _trial(trial_id: str, config: dict[str, Any], error_file: str | None = None) -> Any:
@@ -109,15 +105,19 @@ def _result(epoch: int, val_mae: float, checkpoint: str | None = None) -> dict[s
 def test_opener_opens_the_run_and_passes_its_id_in_the_config(mlflow_uri: str) -> None:
     opener = _opener(
         mlflow_uri,
-        [{"loss.margin": 0.5, REFERENCE_KEY: "paper"}, None, Searcher.FINISHED],
+        [
+            {"loss.margin": 0.5, SPEC_KEY: TrialSpec(role="reference", label="paper")},
+            None,
+            Searcher.FINISHED,
+        ],
     )
     config = opener.suggest("t1")
     assert config is not None and isinstance(config, dict)
     assert sample_of(config) == {"loss.margin": 0.5}  # the markers are not settings
-    run = MlflowClient(mlflow_uri).get_run(config[RUN_KEY])
+    run = MlflowClient(mlflow_uri).get_run(spec_of(config).run_id)
     assert run.info.status == "RUNNING"
     tags = run.data.tags
-    assert tags["mlflow.parentRunId"] == opener.parent_run_id
+    assert tags["mlflow.parentRunId"] == opener.ref.parent_run_id
     assert (tags[TAG_TRIAL], tags[TAG_STATUS], tags[TAG_REFERENCE]) == ("t1", "running", "paper")
     assert run.data.params["trial.loss.margin"] == "0.5"
     assert run.data.params["loss.margin"] == "0.5"  # what the trial ran with
@@ -129,14 +129,14 @@ def test_opener_opens_the_run_and_passes_its_id_in_the_config(mlflow_uri: str) -
     # "wait" and "finished" pass through and open nothing.
     assert opener.suggest("t2") is None
     assert opener.suggest("t3") == Searcher.FINISHED
-    assert len(MlflowClient(mlflow_uri).search_runs([opener.experiment_id])) == 2
+    assert len(MlflowClient(mlflow_uri).search_runs([opener.ref.experiment_id])) == 2
 
 
 def test_opener_records_a_sample_that_breaks_the_config(mlflow_uri: str) -> None:
     opener = _opener(mlflow_uri, [{"optim.epochs": 0}])  # invalid: the trial will fail on it
     config = opener.suggest("t1")
     assert isinstance(config, dict)
-    run = MlflowClient(mlflow_uri).get_run(config[RUN_KEY])
+    run = MlflowClient(mlflow_uri).get_run(spec_of(config).run_id)
     assert run.data.params["trial.optim.epochs"] == "0"
     assert not any(k.startswith("optim.") for k in run.data.params)
 
@@ -153,7 +153,7 @@ def test_tracker_logs_each_epoch_once_also_after_a_resume(mlflow_uri: str) -> No
     opener = _opener(mlflow_uri, [{"loss.margin": 0.1}])
     config = opener.suggest("t1")
     assert isinstance(config, dict)
-    trial, run_id = _trial("t1", config), config[RUN_KEY]
+    trial, run_id = _trial("t1", config), spec_of(config).run_id
     tracker = _tracker(opener)
     tracker.on_trial_result(0, [], trial, _result(0, 2.0))
     tracker.on_trial_result(0, [], trial, _result(0, 2.0))  # a repeated report
@@ -177,17 +177,18 @@ def test_tracker_fills_in_epochs_tune_never_passed_on_from_the_checkpoint_histor
     opener = _opener(mlflow_uri, [{"loss.margin": 0.1}])
     config = opener.suggest("t1")
     assert isinstance(config, dict)
-    trial, run_id = _trial("t1", config), config[RUN_KEY]
+    trial, run_id = _trial("t1", config), spec_of(config).run_id
     _tracker(opener).on_trial_result(0, [], trial, _result(0, 2.0))
     # Ctrl-C: Train checkpointed epochs 1 and 2, Tune passed neither on; the resumed
     # trial continues from epoch 2's checkpoint and reports epoch 3 with its history.
     history = [_result(epoch, mae) for epoch, mae in enumerate([2.0, 1.5, 1.2, 1.1])]
     history[1]["val_spearman"] = math.nan  # null in JSON; non-finite values are not logged
     folder = save_checkpoint(tmp_path / "ckpt_3", {"epoch": 3}, metrics=history[3], history=history)
-    resumed = _tracker(opener, train_storage=str(tmp_path))
+    resumed = _tracker(opener, folder=str(tmp_path))
     reads: list[str] = []
     monkeypatch.setattr(
-        "quakeray.storage.read_text", lambda path: reads.append(path) or Path(path).read_text()
+        "quakeray.search.tracker.read_history",
+        lambda folder: reads.append(str(Path(folder) / "history.json")) or read_history(folder),
     )
     resumed.on_trial_result(0, [], trial, _result(3, 1.1, str(folder)))
     resumed.on_trial_result(0, [], trial, _result(4, 1.0, str(folder)))  # no gap: no reading
@@ -206,8 +207,8 @@ def test_an_unfillable_gap_is_looked_up_once_and_the_epoch_still_logged(
     opener = _opener(mlflow_uri, [{"loss.margin": 0.1}])
     config = opener.suggest("t1")
     assert isinstance(config, dict)
-    trial, run_id = _trial("t1", config), config[RUN_KEY]
-    tracker = _tracker(opener, train_storage=str(tmp_path))
+    trial, run_id = _trial("t1", config), spec_of(config).run_id
+    tracker = _tracker(opener, folder=str(tmp_path))
     pruned = str(tmp_path / "gone")  # Train pruned it, or it predates history.json
     tracker.on_trial_result(0, [], trial, _result(2, 1.2, pruned))
     tracker.on_trial_result(0, [], trial, _result(3, 1.1, pruned))
@@ -233,28 +234,23 @@ def test_runs_of_ended_trials_left_running_are_finished_from_tunes_record(
 
     def result(config: dict[str, Any], maes: list[float], error: Any = None) -> Any:
         rows = [
-            _result(e, mae, f"/st/train/{config[RUN_KEY]}/ckpt_{e}") for e, mae in enumerate(maes)
+            _result(e, mae, f"/st/train/{spec_of(config).run_id}/ckpt_{e}")
+            for e, mae in enumerate(maes)
         ]
         return SimpleNamespace(config=config, error=error, metrics_dataframe=pd.DataFrame(rows))
 
     # Tune's record: two trials ended (one before its last epoch), one failed.
     grid = [result(done, [2.0, 1.2, 1.4]), result(short, [2.5]), result(failed, [], "boom")]
-    n = finish_orphaned_runs(
-        mlflow_uri,
-        opener.experiment_id,
-        opener.parent_run_id,
-        grid,
-        base=BASE,
-        train_storage="/st/train",
-    )
+    ref = SearchRef("/st", mlflow_uri, opener.ref.experiment_id, opener.ref.parent_run_id)
+    n = finish_orphaned_runs(ref, grid, base=BASE)
     assert n == 2
     assert finalized == [
-        (done[RUN_KEY], f"/st/train/{done[RUN_KEY]}/ckpt_1"),
-        (short[RUN_KEY], f"/st/train/{short[RUN_KEY]}/ckpt_0"),
+        (spec_of(done).run_id, f"/st/train/{spec_of(done).run_id}/ckpt_1"),
+        (spec_of(short).run_id, f"/st/train/{spec_of(short).run_id}/ckpt_0"),
     ]
     client = MlflowClient(mlflow_uri)
     statuses = {
-        key: client.get_run(config[RUN_KEY]).data.tags[TAG_STATUS]
+        key: client.get_run(spec_of(config).run_id).data.tags[TAG_STATUS]
         for key, config in (("done", done), ("short", short), ("failed", failed))
     }
     assert statuses == {"done": "completed", "short": "stopped", "failed": "running"}
@@ -275,7 +271,7 @@ def test_tracker_finalizes_the_best_reported_checkpoint_and_closes(
     opener = _opener(mlflow_uri, [{"optim.epochs": 3}, {"loss.margin": 0.2}])
     done, stopped = opener.suggest("done"), opener.suggest("stopped")
     assert isinstance(done, dict) and isinstance(stopped, dict)
-    tracker = _tracker(opener, train_storage=storage)
+    tracker = _tracker(opener, folder=storage.removesuffix("/train"))
     # Ray reports checkpoint paths without the storage's scheme.
     where = storage.removeprefix(scheme)
     for epoch, value in enumerate([2.0, 1.1, 1.4]):
@@ -294,12 +290,12 @@ def test_tracker_finalizes_the_best_reported_checkpoint_and_closes(
     # The best epoch (1), in the storage's scheme; the sample shapes the finalised config
     # (3 epochs, not the base's 10).
     assert finalized == [
-        (done[RUN_KEY], f"{storage}/train-done/checkpoint_1", 3),
-        (stopped[RUN_KEY], f"{storage}/train-stopped/checkpoint_0", 10),
+        (spec_of(done).run_id, f"{storage}/train-done/checkpoint_1", 3),
+        (spec_of(stopped).run_id, f"{storage}/train-stopped/checkpoint_0", 10),
     ]
     client = MlflowClient(mlflow_uri)
     for config, status in ((done, "completed"), (stopped, "stopped")):
-        run = client.get_run(config[RUN_KEY])
+        run = client.get_run(spec_of(config).run_id)
         assert (run.info.status, run.data.tags[TAG_STATUS]) == ("FINISHED", status)
 
 
@@ -313,15 +309,15 @@ def test_tracker_finalizes_in_the_background_until_the_search_waits(
     opener = _opener(mlflow_uri, [{"loss.margin": 0.1}])
     config = opener.suggest("t1")
     assert isinstance(config, dict)
-    trial, run_id = _trial("t1", config), config[RUN_KEY]
+    trial, run_id = _trial("t1", config), spec_of(config).run_id
     tracker = _tracker(opener)
     tracker.on_trial_result(0, [], trial, _result(0, 2.0, "/ckpt/checkpoint_0"))
     tracker.on_trial_complete(0, [], trial)  # returns while finalize_run still runs
     client = MlflowClient(mlflow_uri)
     assert client.get_run(run_id).info.status == "RUNNING"
-    assert pickle.loads(pickle.dumps(tracker)).uri == mlflow_uri  # Tune saves it meanwhile
+    assert pickle.loads(pickle.dumps(tracker)).ref.uri == mlflow_uri  # Tune saves it meanwhile
     release.set()
-    wait_for_finalizers()
+    tracker.finalizer.wait()
     run = client.get_run(run_id)
     assert (run.info.status, run.data.tags[TAG_STATUS]) == ("FINISHED", "completed")
 
@@ -332,7 +328,7 @@ def test_tracker_reopens_a_restarted_trial_and_records_a_failure(
     opener = _opener(mlflow_uri, [{"loss.margin": 0.1}])
     config = opener.suggest("t1")
     assert isinstance(config, dict)
-    run_id = config[RUN_KEY]
+    run_id = spec_of(config).run_id
     tracker = _tracker(opener)
     tracker.on_trial_start(0, [], _trial("t1", config))  # first start: nothing to do
     client = MlflowClient(mlflow_uri)
@@ -357,6 +353,6 @@ def test_tracker_creates_a_run_for_a_trial_that_failed_before_it_had_one(
     tracker = _tracker(opener)
     tracker.on_trial_error(0, [], _trial("lost", {}))
     (run,) = MlflowClient(mlflow_uri).search_runs(
-        [opener.experiment_id], "tags.`quakeray.role` = 'trial'"
+        [opener.ref.experiment_id], "tags.`quakeray.role` = 'trial'"
     )
     assert (run.data.tags[TAG_TRIAL], run.info.status) == ("lost", "FAILED")

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from quakeray.config import load_config
 from quakeray.search import SearchSummary, run_search
 from quakeray.search.runs import child_runs
-from quakeray.search.trial import trial_resources
+from quakeray.search.trainable import trial_resources
 
 pytestmark = pytest.mark.slow
 

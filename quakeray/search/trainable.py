@@ -1,15 +1,16 @@
-"""One Tune trial: the trial's config, its training, and (optionally) its test score.
+"""The trainable: one Tune trial's config, its training, and (optionally) its test score.
 
 A trial is a function: Tune calls :func:`search_trial` in the trial's own process with
-the sampled config. A multi-worker trial builds a ``TorchTrainer`` (Train V2's pattern)
+the sampled config and its :class:`~quakeray.search.trial_spec.TrialSpec`. A
+multi-worker trial builds a ``TorchTrainer`` (Train V2's pattern)
 whose workers report each epoch to Tune through Train's ``TuneReportCallback``. A
 single-worker trial (``search.in_process_trials``) runs the same worker loop right there,
 reporting to Tune itself (:class:`~quakeray.train.session.TuneTrialSession`): no Train
 controller and worker group to start and stop, and Tune keeps the process for the next
-trial. Either way each epoch's checkpoint lands in ``<train_storage>/train-<trial id>``
-(on resume, maybe an earlier trial's folder: :mod:`quakeray.search.unsaved`) and reaches
-Tune as the same result. What a trial needs besides its sample is one
-:class:`TrialSetup`, shipped once through Ray's object store.
+trial. Either way each epoch's checkpoint lands in the trial's Train folder (on resume, maybe
+an earlier trial's: :mod:`quakeray.search.recovery`) and reaches Tune as the same result.
+What a trial needs besides its config is one :class:`TrialSetup`, shipped once through
+Ray's object store (:func:`trainable`).
 """
 
 from __future__ import annotations
@@ -18,32 +19,31 @@ from dataclasses import dataclass
 from typing import Any
 
 from quakeray.checkpoint import (
-    HISTORY_FILE,
     METRICS_FILE,
     checkpoint_dir_name,
     latest_checkpoint_at,
-    parse_history,
+    read_history,
     read_metrics,
 )
 from quakeray.config import VARIANT_KEY, ExperimentConfig
 from quakeray.data.prepare import PreparedData
 from quakeray.errors import CheckpointError
-from quakeray.search.runs import CHECKPOINT_KEY, RUN_KEY
-from quakeray.search.space import sample_of, trial_config
-from quakeray.search.unsaved import train_name
+from quakeray.search.layout import SearchRef
+from quakeray.search.runs import CHECKPOINT_KEY
+from quakeray.search.space import trial_config
+from quakeray.search.trial_spec import sample_of, spec_of
 
-__all__ = ["TrialSetup", "in_process", "search_trial", "trial_resources"]
+__all__ = ["TrialSetup", "in_process", "search_trial", "trainable", "trial_resources"]
 
 
 @dataclass(frozen=True)
 class TrialSetup:
-    """Everything a trial needs besides its sample; shipped once through the object store."""
+    """Everything a trial needs besides its config; shipped once through the object store."""
 
     base: ExperimentConfig  # the search's resolved config
-    tracking_uri: str  # for the checkpoints (and the test metrics with test_trials)
+    ref: SearchRef  # where its Train folder is; the store its checkpoints name
     data: PreparedData
-    train_storage: str  # Train runs go to <train_storage>/train-<trial id> (train_name)
-    test_trials: bool
+    test_trials: bool  # score the best checkpoint on test, into the trial's run
 
     @property
     def in_process(self) -> bool:
@@ -72,18 +72,26 @@ def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
     return resources
 
 
+def trainable(setup: TrialSetup) -> Any:
+    """:func:`search_trial` with the search's setup and the trial's resource reservation."""
+    from ray import tune
+
+    return tune.with_resources(
+        tune.with_parameters(search_trial, setup=setup), trial_resources(setup.base)
+    )
+
+
 def search_trial(config: dict[str, Any], *, setup: TrialSetup) -> None:
     """One Tune trial: its config, then its training (and a test evaluation).
 
     MLflow is the driver's job (:mod:`quakeray.search.tracker`): the run was opened when
-    the trial was suggested, its id is in ``config``, and the driver logs each epoch and
-    closes the run. A failure (bad config, OOM, a worker error) raises, so Tune records
+    the trial was suggested, its id is in the trial's spec, and the driver logs each
+    epoch and closes the run. A failure (bad config, OOM, a worker error) raises, so Tune records
     the trial as errored, the driver closes its run FAILED and the search goes on.
     """
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from quakeray import storage
     from quakeray.train import (
         best_checkpoint_path,
         build_trainer,
@@ -92,7 +100,8 @@ def search_trial(config: dict[str, Any], *, setup: TrialSetup) -> None:
     )
 
     trial_id = tune.get_context().get_trial_id()
-    run_id = str(config[RUN_KEY])
+    spec = spec_of(config)
+    run_id = spec.run_id
     cfg = trial_config(setup.base, config)
     if any(k.startswith(("model.", "data.")) or k == VARIANT_KEY for k in sample_of(config)):
         # A backbone the sample names but timm lacks fails here in a second, not in a
@@ -101,8 +110,8 @@ def search_trial(config: dict[str, Any], *, setup: TrialSetup) -> None:
         from quakeray.preflight import check_model
 
         check_model(cfg, setup.data)
-    name = train_name(trial_id, config)  # a resumed search may continue an unsaved trial's
-    run_dir = storage.join(setup.train_storage, name)
+    folder_of = spec.train_folder_of(trial_id)  # a resumed search may continue another's
+    run_dir = setup.ref.train_dir(folder_of)
     latest = latest_checkpoint_at(run_dir)
     if latest is not None:
         # Tune restarted the trial (a resumed search). The driver may have died after
@@ -119,18 +128,18 @@ def search_trial(config: dict[str, Any], *, setup: TrialSetup) -> None:
             return
     if setup.in_process:
         # The worker loop right here, continuing from the newest checkpoint if any.
-        spec = loop_config(
+        loop = loop_config(
             cfg,
             data=setup.data,
             run_dir=run_dir,
-            tracking_uri=setup.tracking_uri,
+            tracking_uri=setup.ref.uri,
             mlflow_run_id=run_id,
             log_metrics=False,  # the driver logs what Tune receives
             resume_from=latest,  # found above: not listed again
             in_trial=True,
         )
         try:
-            train_loop_per_worker(spec)
+            train_loop_per_worker(loop)
         finally:  # also when ASHA stops it (SystemExit): Tune reuses this process
             _release_memory()
         best = best_checkpoint_path(None, run_dir=run_dir, metric=cfg.run.checkpoint_metric)
@@ -142,9 +151,9 @@ def search_trial(config: dict[str, Any], *, setup: TrialSetup) -> None:
     trainer = build_trainer(
         cfg,
         data=setup.data,
-        name=name,
-        storage_path=setup.train_storage,
-        tracking_uri=setup.tracking_uri,
+        name=setup.ref.train_name(folder_of),
+        storage_path=setup.ref.train_root,
+        tracking_uri=setup.ref.uri,
         mlflow_run_id=run_id,
         log_metrics=False,  # the driver logs what Tune receives
         callbacks=[TuneReportCallback()],  # type: ignore[no-untyped-call]
@@ -162,7 +171,7 @@ def _report_again(run_dir: str, latest: str) -> None:
 
     from quakeray import storage
 
-    for metrics in parse_history(storage.read_text(storage.join(latest, HISTORY_FILE))):
+    for metrics in read_history(latest):
         result: dict[str, Any] = {k: v for k, v in metrics.items() if v is not None}
         folder = storage.join(run_dir, checkpoint_dir_name(int(result.get("epoch", 0))))
         if storage.is_file(storage.join(folder, METRICS_FILE)):  # not pruned
@@ -200,4 +209,4 @@ def _test_if_asked(setup: TrialSetup, best: str, run_id: str, *, last_epoch: int
     from quakeray.tracking import RunLogger
 
     evaluated = evaluate_checkpoint(best, split="test", data_path=setup.data.path)
-    RunLogger(setup.tracking_uri, run_id).log_metrics(evaluated.metrics, step=last_epoch)
+    RunLogger(setup.ref.uri, run_id).log_metrics(evaluated.metrics, step=last_epoch)
