@@ -41,6 +41,7 @@ from quakeray.train.parts import (
     build_data,
     build_model_parts,
     resume,
+    seed_epoch,
 )
 from quakeray.train.session import LoopSession, session_for
 
@@ -94,6 +95,7 @@ def train_loop_per_worker(spec: LoopConfig) -> None:
         logger.log_once(state["metrics"], epoch=int(state["epoch"]))
 
     for epoch in range(progress.next_epoch, epochs):
+        seed_epoch(cfg.optim.seed, rank, epoch)  # a resumed epoch draws as it would have
         bar = progress_bar(
             len(data.train_sampler) * world,  # samples of all ranks: global samples/s
             f"epoch {epoch + 1}/{epochs}",

@@ -35,6 +35,7 @@ __all__ = [
     "build_data",
     "build_model_parts",
     "resume",
+    "seed_epoch",
 ]
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ def build_model_parts(cfg: ExperimentConfig, data: LoopData, session: LoopSessio
         regressor.set_target_scale(float(targets.mean()), float(targets.std()) or 1.0)
     model = session.prepare_model(regressor)
     raw_model: torch.nn.Module = getattr(model, "module", model)
-    torch.manual_seed(opt.seed + session.rank)  # flips and dropout differ per rank
+    seed_epoch(opt.seed, session.rank, 0)  # flips and dropout differ per rank
     pairing = "all" if cfg.loss.pairing == "global" else cfg.loss.pairing
     optimizer, scheduler = build_optimizer(raw_model, opt, len(data.train_loader))
     amp_dtype = _amp_dtype(opt.precision, session.device)
@@ -184,6 +185,19 @@ def build_model_parts(cfg: ExperimentConfig, data: LoopData, session: LoopSessio
         grad_clip=opt.grad_clip,
         device=session.device,
     )
+
+
+def seed_epoch(seed: int, rank: int, epoch: int) -> None:
+    """Seed the random draws of one epoch on one rank: flips, dropout, the loader's shuffle.
+
+    Seeded per epoch, not once per run, so that an epoch draws the same whether the run
+    went through or was resumed just before it (the generator's state is in no
+    checkpoint). Epoch 0 gets ``seed + rank``; each epoch after it its own stream.
+    """
+    torch.manual_seed(seed + rank + _EPOCH_STRIDE * epoch)
+
+
+_EPOCH_STRIDE = 1_000_003  # a prime above any rank count: no two (rank, epoch) share a seed
 
 
 def resume(
