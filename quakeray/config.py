@@ -220,6 +220,9 @@ class SearchConfig:
     evaluate_best: bool = True  # evaluate the best trial on the test split
     test_trials: bool = False  # evaluate every trial's best checkpoint on test (paper tables)
     log_trial_models: bool = False  # each trial logs its model (the best is registered anyway)
+    # Each trial's validation figures (scatter, errors per bin), drawn by the trial itself
+    # for its best epoch and logged by the driver; false for very large searches.
+    trial_figures: bool = True
     # At the end, train the MSE-only point, the paper's point and the best configuration
     # again on confirm_seeds fresh seeds (optim.seed + 1, + 2, ...), evaluate them on test,
     # and say whether the ranking term's gain is beyond seed noise.

@@ -84,21 +84,27 @@ def finish_trial_run(
     status: TrialStatus,
     trial_id: str,
 ) -> None:
-    """Finalise a still-RUNNING trial run from its best ``checkpoint``, then close it."""
-    if checkpoint is not None and tracking.run_status(uri, run_id) == "RUNNING":
+    """Finalise a still-RUNNING trial run from its best ``checkpoint``, then close it.
+
+    A run someone else closed meanwhile (a trial unwinding after the driver marked it
+    stopped) is left as it is.
+    """
+    if tracking.run_status(uri, run_id) != "RUNNING":
+        return
+    if checkpoint is not None:
         try:
             cfg = trial_config(base, config)
             # A trial logs no model unless asked: the search registers the best one.
             cfg = replace(
                 cfg, tracking=replace(cfg.tracking, log_model=base.search.log_trial_models)
             )
-            outputs.finalize_run(uri, run_id, cfg, checkpoint)
+            outputs.finalize_run(uri, run_id, cfg, checkpoint, figures=base.search.trial_figures)
         except Exception as exc:  # the run keeps its metrics; say what is missing
             log.warning("trial %s: could not log its best checkpoint", trial_id)
             tracking.RunLogger(uri, run_id).set_tags(
                 {tags.ERROR: f"finalize: {type(exc).__name__}: {exc}"}
             )
-    close_trial_run(uri, run_id, status, only_if_running=True)
+    close_trial_run(uri, run_id, status)
 
 
 def find_trial_run(ref: SearchRef, trial_id: str) -> Run | None:
@@ -181,13 +187,12 @@ def close_trial_run(
         only_if_running: Leave a run that someone else already closed untouched (e.g. a
             trial unwinding after the driver marked it stopped).
     """
-    client = tracking.mlflow_client(uri)
-    if only_if_running and client.get_run(run_id).info.status != "RUNNING":
+    if only_if_running and tracking.run_status(uri, run_id) != "RUNNING":
         return False
-    client.set_tag(run_id, tags.STATUS, status)
+    run_tags: dict[str, str] = {tags.STATUS: status}
     if error:
-        first = (error.strip().splitlines() or [""])[-1][:500]
-        client.set_tag(run_id, tags.ERROR, first)
+        run_tags[tags.ERROR] = (error.strip().splitlines() or [""])[-1][:500]
+    tracking.RunLogger(uri, run_id).set_tags(run_tags)
     tracking.end_run(uri, run_id, MLFLOW_STATUS[status])
     return True
 

@@ -137,6 +137,7 @@ def search_trial(config: dict[str, Any], *, setup: TrialSetup) -> None:
             log_metrics=False,  # the driver logs what Tune receives
             resume_from=latest,  # found above: not listed again
             in_trial=True,
+            figures=cfg.search.trial_figures,  # drawn here, off the driver
         )
         try:
             train_loop_per_worker(loop)
@@ -157,6 +158,7 @@ def search_trial(config: dict[str, Any], *, setup: TrialSetup) -> None:
         mlflow_run_id=run_id,
         log_metrics=False,  # the driver logs what Tune receives
         callbacks=[TuneReportCallback()],  # type: ignore[no-untyped-call]
+        figures=cfg.search.trial_figures,  # drawn by rank 0, off the driver
     )
     result = trainer.fit()
     best = best_checkpoint_path(result, run_dir=run_dir, metric=cfg.run.checkpoint_metric)

@@ -26,6 +26,7 @@ from quakeray.search.layout import SearchRef
 from quakeray.search.runs import close_open_children
 from quakeray.search.tracker import TrialRunOpener, TrialRunTracker
 from quakeray.search.trainable import TrialSetup, in_process, trainable
+from quakeray.search.writer import WriterHandle, start_writer
 
 if TYPE_CHECKING:
     from ray.tune import ResultGrid, Tuner
@@ -49,11 +50,22 @@ class Search:
 
 @dataclass(frozen=True)
 class SearchTuner:
-    """A Tune experiment of a search, with its run opener and its run tracker."""
+    """A Tune experiment of a search, with its run opener, run tracker and their writer."""
 
     tuner: Tuner
     opener: TrialRunOpener  # opens each trial's run; continues what a killed driver left
-    tracker: TrialRunTracker  # logs each epoch; closes the runs of ended trials
+    tracker: TrialRunTracker  # passes each epoch on; has the runs of ended trials closed
+    writer: WriterHandle  # writes the trials' runs (beside the driver's loop)
+
+    @classmethod
+    def of(
+        cls, search: Search, tuner: Tuner, opener: TrialRunOpener, tracker: TrialRunTracker
+    ) -> SearchTuner:
+        """The tuner with a writer of this driver's handed to its opener and tracker."""
+        writer = start_writer(search.ref, search.cfg, EPOCH_METRICS, search.data.path)
+        opener.writer = writer
+        tracker.attach(writer)
+        return cls(tuner, opener, tracker, writer)
 
 
 def new_tuner(
@@ -99,7 +111,7 @@ def new_tuner(
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
-    return SearchTuner(tuner, opener, tracker)
+    return SearchTuner.of(search, tuner, opener, tracker)
 
 
 def restored_tuner(search: Search, *, folder: str, test_trials: bool) -> SearchTuner:
@@ -124,7 +136,7 @@ def restored_tuner(search: Search, *, folder: str, test_trials: bool) -> SearchT
     opener = _restored_opener(tuner)
     if tracker is None or opener is None:
         raise SearchError(f"--resume {folder}: Tune's saved experiment holds no quakeray search")
-    return SearchTuner(tuner, opener, tracker)
+    return SearchTuner.of(search, tuner, opener, tracker)
 
 
 def _restored_opener(tuner: Tuner) -> TrialRunOpener | None:
@@ -139,24 +151,26 @@ def fit(search_tuner: SearchTuner, search: Search) -> ResultGrid:
         KeyboardInterrupt: Ctrl-C (or SIGTERM), during the fit or caught by Tune.
     """
     handler = signal.getsignal(signal.SIGINT)
-    finalizer = search_tuner.tracker.finalizer
+    writer = search_tuner.writer
     try:
         try:
             results = search_tuner.tuner.fit()
         finally:
             # Ended trials' runs are closed before anything reads runs or closes the rest.
-            finalizer.wait()
+            writer.wait()
         interrupted = tune_was_interrupted()
     except BaseException as exc:
-        # Trials still open were cut off with the driver: cancelled, resumable.
-        _stop(search, by_user=isinstance(exc, KeyboardInterrupt), finalising=finalizer.pending())
+        # Trials still open were cut off with the driver: cancelled, resumable. Those the
+        # writer still finalises (a second Ctrl-C cut the wait short) are left to it.
+        _stop(search, by_user=isinstance(exc, KeyboardInterrupt), finalising=writer.pending())
         raise
     finally:
         # Tune leaves its own SIGINT handler behind, which would swallow a later Ctrl-C.
         _restore_sigint(handler)
     if interrupted:
-        _stop(search, by_user=True, finalising=finalizer.pending())
+        _stop(search, by_user=True, finalising=writer.pending())
         raise KeyboardInterrupt
+    writer.release()
     return results
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -31,40 +32,106 @@ from quakeray.metrics import SCORE_METRIC
 from quakeray.tracking import tags
 from quakeray.tracking.store import RunLogger
 
-__all__ = ["CHAMPION", "finalize_run", "log_model", "log_prediction_outputs", "register_model"]
+__all__ = [
+    "CHAMPION",
+    "FIGURES_DIR",
+    "finalize_run",
+    "log_model",
+    "log_prediction_outputs",
+    "register_model",
+    "write_prediction_figures",
+]
 
 CHAMPION = "champion"
 """The alias a search gives its best model: ``models:/<search name>@champion``."""
 
 
-def finalize_run(uri: str, run_id: str, cfg: ExperimentConfig, checkpoint_path: str) -> None:
+FIGURES_DIR = "plots"
+"""A checkpoint's own figures of its validation predictions, when its trial drew them."""
+
+_FIGURE_FILES = ("scatter.png", "per_bin.png", "per_bin.txt")
+
+
+def finalize_run(
+    uri: str, run_id: str, cfg: ExperimentConfig, checkpoint_path: str, *, figures: bool = True
+) -> None:
     """Log the best checkpoint's outputs into the MLflow run (on a driver, after fit).
 
-    Logs the validation predictions CSV, the scatter and per-bin figures, the best
-    epoch's ``best_val_MAE`` (and ``best_<run.checkpoint_metric>``), the
+    Logs the validation predictions CSV, the scatter and per-bin figures (those the
+    checkpoint holds, drawn by its trial; else drawn here), the best epoch's
+    ``best_val_MAE`` (and ``best_<run.checkpoint_metric>``), the
     ``quakeray.best_checkpoint`` tag (used by ``quakeray evaluate RUN_ID``), and the model
     with a signature (when ``tracking.log_model``). Does not change the run's status.
+
+    Args:
+        uri: Tracking URI.
+        run_id: The run.
+        cfg: The run's config.
+        checkpoint_path: Its best checkpoint (a path or a URI).
+        figures: Log the figures (``search.trial_figures`` turns them off for a
+            search's trials).
     """
     logger = RunLogger(uri, run_id)
     with storage.local_copy(checkpoint_path) as folder:
-        state = load_checkpoint(folder)
-        epoch = int(state["epoch"])
-        logger.set_tags({tags.BEST_CHECKPOINT: checkpoint_path, tags.BEST_EPOCH: epoch})
         metrics = {k: v for k, v in read_metrics(folder).items() if v is not None}
+        epoch = int(metrics.get("epoch", 0))
         # The scores a runs table sorts on, not every validation metric again: each
         # would be one more one-point chart (the best epoch's others are in the history).
         summary = {SCORE_METRIC, f"{SCORE_METRIC}_const_median", cfg.run.checkpoint_metric}
-        logger.log_metrics({f"best_{k}": v for k, v in metrics.items() if k in summary}, step=epoch)
+        logger.log_metrics(
+            {f"best_{k}": v for k, v in metrics.items() if k in summary},
+            step=epoch,
+            tags={tags.BEST_CHECKPOINT: checkpoint_path, tags.BEST_EPOCH: epoch},
+        )
         if (folder / PREDICTIONS_FILE).is_file():
-            log_prediction_outputs(
-                logger,
-                read_predictions(folder / PREDICTIONS_FILE),
-                csv_artifact=f"predictions/{PREDICTIONS_FILE}",
-                figure_prefix="plots/val_",
-                title=f"validation, epoch {epoch}",  # 0-based, as the epoch metric
-            )
+            with tempfile.TemporaryDirectory() as tmp:
+                outputs = Path(tmp)
+                (outputs / "predictions").mkdir()
+                shutil.copy2(folder / PREDICTIONS_FILE, outputs / "predictions")
+                if figures:
+                    _figures(folder, outputs / FIGURES_DIR, epoch)
+                logger.log_artifacts(outputs)  # one call: the run's artifact root once
         if cfg.tracking.log_model:
-            log_model(uri, run_id, state)
+            log_model(uri, run_id, load_checkpoint(folder))
+
+
+def _figures(checkpoint: Path, out: Path, epoch: int) -> None:
+    """The checkpoint's own figures when its trial drew them, else drawn here, into ``out``."""
+    drawn = checkpoint / FIGURES_DIR
+    if all((drawn / f"val_{name}").is_file() for name in _FIGURE_FILES):
+        shutil.copytree(drawn, out)
+        return
+    write_prediction_figures(
+        out,
+        read_predictions(checkpoint / PREDICTIONS_FILE),
+        prefix="val_",
+        title=f"validation, epoch {epoch}",  # 0-based, as the epoch metric
+    )
+
+
+def write_prediction_figures(
+    folder: Path, predictions: Predictions, *, prefix: str, title: str
+) -> Path:
+    """Draw a split's scatter and per-bin figures and the per-bin table into ``folder``.
+
+    Returns:
+        The folder, holding ``<prefix>scatter.png``, ``<prefix>per_bin.png`` and
+        ``<prefix>per_bin.txt``.
+    """
+    from quakeray.metrics import per_bin_errors
+    from quakeray.plots import format_bin_table, per_bin_figure, scatter_figure
+
+    folder.mkdir(parents=True, exist_ok=True)
+    target = np.asarray(predictions.magnitude, dtype=float)
+    pred = np.asarray(predictions.prediction, dtype=float)
+    bins = per_bin_errors(pred, target)
+    for name, figure in (
+        ("scatter.png", scatter_figure(target, pred, np.asarray(predictions.label), title=title)),
+        ("per_bin.png", per_bin_figure(bins, title=title)),
+    ):
+        figure.savefig(folder / f"{prefix}{name}")  # as MLflow's log_figure saves it
+    (folder / f"{prefix}per_bin.txt").write_text(format_bin_table(bins))
+    return folder
 
 
 def log_prediction_outputs(
@@ -80,26 +147,19 @@ def log_prediction_outputs(
     Args:
         logger: The run to log into.
         predictions: Per-sample predictions of the split.
-        csv_artifact: Artifact path of the CSV (``predictions/predictions_val.csv``).
-        figure_prefix: Start of the figures' artifact paths: ``plots/val_`` gives
-            ``plots/val_scatter.png``, ``plots/val_per_bin.png`` and ``plots/val_per_bin.txt``.
+        csv_artifact: Artifact path of the CSV (``evaluation/test/predictions.csv``).
+        figure_prefix: Start of the figures' artifact paths: ``evaluation/test/`` gives
+            ``evaluation/test/scatter.png``, ``.../per_bin.png`` and ``.../per_bin.txt``.
         title: The figures' title.
     """
-    from quakeray.metrics import per_bin_errors
-    from quakeray.plots import format_bin_table, per_bin_figure, scatter_figure
-
     folder, _, name = csv_artifact.rpartition("/")
+    figures_dir, _, prefix = figure_prefix.rpartition("/")
     with tempfile.TemporaryDirectory() as tmp:
         logger.log_artifact(write_predictions(Path(tmp) / name, predictions), folder or None)
-    target = np.asarray(predictions.magnitude, dtype=float)
-    pred = np.asarray(predictions.prediction, dtype=float)
-    bins = per_bin_errors(pred, target)
-    logger.log_figure(
-        scatter_figure(target, pred, np.asarray(predictions.label), title=title),
-        f"{figure_prefix}scatter.png",
-    )
-    logger.log_figure(per_bin_figure(bins, title=title), f"{figure_prefix}per_bin.png")
-    logger.log_text(format_bin_table(bins), f"{figure_prefix}per_bin.txt")
+        drawn = write_prediction_figures(
+            Path(tmp) / "figures", predictions, prefix=prefix, title=title
+        )
+        logger.log_artifacts(drawn, figures_dir or None)
 
 
 def log_model(uri: str, run_id: str, state: Mapping[str, Any]) -> None:

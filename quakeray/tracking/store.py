@@ -311,8 +311,10 @@ class RunLogger:
         self.run_id = run_id
         self.client = mlflow_client(uri)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Log finite numeric metrics at ``step`` (one batch call)."""
+    def log_metrics(
+        self, metrics: Mapping[str, float], step: int, *, tags: Mapping[str, Any] | None = None
+    ) -> None:
+        """Log finite numeric metrics at ``step``, and ``tags`` with them (one batch call)."""
         import time
 
         from mlflow.entities import Metric
@@ -323,9 +325,12 @@ class RunLogger:
             for key, value in metrics.items()
             if isinstance(value, (int, float)) and math.isfinite(float(value))
         ]
-        for start in range(0, len(batch), _MAX_METRICS_PER_BATCH):
+        run_tags = _run_tags(tags or {})
+        for start in range(0, max(len(batch), 1), _MAX_METRICS_PER_BATCH):
             self.client.log_batch(
-                self.run_id, metrics=batch[start : start + _MAX_METRICS_PER_BATCH]
+                self.run_id,
+                metrics=batch[start : start + _MAX_METRICS_PER_BATCH],
+                tags=run_tags if start == 0 else [],
             )
 
     def logged_steps(self, key: str) -> set[int]:
@@ -333,9 +338,9 @@ class RunLogger:
         return {int(m.step) for m in self.client.get_metric_history(self.run_id, key)}
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        """Set run tags (values stringified and clipped)."""
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, _clip(str(value), _MAX_TAG_VAL_LENGTH))
+        """Set run tags (values stringified and clipped), in one batch call."""
+        if tags:
+            self.client.log_batch(self.run_id, tags=_run_tags(tags))
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log extra params (values stringified and clipped)."""
@@ -353,9 +358,19 @@ class RunLogger:
         """Upload a local file or folder into the run's artifacts."""
         self.client.log_artifact(self.run_id, str(local_path), artifact_path)
 
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        """Upload the files of a local folder into the run's artifacts (``artifact_path``)."""
+        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
     def log_text(self, text: str, artifact_file: str) -> None:
         """Save text as an artifact."""
         self.client.log_text(self.run_id, text, artifact_file)
+
+
+def _run_tags(tags: Mapping[str, Any]) -> list[Any]:
+    from mlflow.entities import RunTag
+
+    return [RunTag(k, _clip(str(v), _MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
 
 
 def mlflow_ui_command(uri: str) -> str:

@@ -27,6 +27,7 @@ from quakeray.checkpoint import (
 )
 from quakeray.config import ExperimentConfig
 from quakeray.data.prepare import PreparedData
+from quakeray.tracking.outputs import FIGURES_DIR, write_prediction_figures
 from quakeray.train.epoch import (
     epoch_line,
     epoch_metrics,
@@ -66,6 +67,9 @@ class LoopConfig:
     checkpoint_dir: str = ""
     in_trial: bool = False  # the loop runs in a Tune trial's own process and reports to Tune
     progress_bar: bool = False  # bars for a person at a terminal; logs get one line per epoch
+    # Rank 0 draws the validation figures of each new best epoch into its checkpoint
+    # (a search's trials: the driver then only logs the files).
+    figures: bool = False
     ray_log_level: str = "INFO"  # the lowest level of Ray's lines on this worker's console
 
     @property
@@ -160,6 +164,13 @@ def _checkpoint_and_report(
             staged = save_checkpoint(
                 tmp, state, metrics=metrics, predictions=predictions, history=progress.history
             )
+            if spec.figures and progress.best_epoch == epoch:
+                write_prediction_figures(
+                    staged / FIGURES_DIR,
+                    predictions,
+                    prefix="val_",
+                    title=f"validation, epoch {epoch}",  # 0-based, as the epoch metric
+                )
             if spec.checkpoint_dir:
                 persisted = storage.join(spec.checkpoint_dir, checkpoint_dir_name(epoch))
                 storage.upload_dir(staged, persisted, last=METRICS_FILE)

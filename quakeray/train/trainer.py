@@ -43,6 +43,7 @@ def build_trainer(
     callbacks: Sequence[Any] = (),
     resume_from: str | None = None,
     ray_log_level: str = "INFO",
+    figures: bool = False,
 ) -> ray.train.torch.TorchTrainer:
     """A ``TorchTrainer`` for one training run.
 
@@ -63,6 +64,8 @@ def build_trainer(
         ray_log_level: The lowest level of Ray's own lines on the consoles of Train's
             processes ("WARNING" hides "Reporting training result ..." and the like);
             all of them stay in ``<session>/logs/train/ray-train-*.log``.
+        figures: Rank 0 draws the validation figures of each new best epoch into its
+            checkpoint (a search's trial; the driver only logs them).
     """
     import ray.train
     import ray.train.torch
@@ -82,6 +85,7 @@ def build_trainer(
         log_metrics=log_metrics,
         resume_from=resume_from,
         ray_log_level=ray_log_level,
+        figures=figures,
     )
     resources: dict[str, float] = {"CPU": sc.cpus_per_worker}
     if sc.use_gpu:
@@ -124,6 +128,7 @@ def loop_config(
     resume_from: str | None = None,
     in_trial: bool = False,
     ray_log_level: str = "INFO",
+    figures: bool = False,
 ) -> LoopConfig:
     """The loop's contract for one run whose checkpoints go to ``run_dir``.
 
@@ -149,6 +154,7 @@ def loop_config(
         # redraw becomes a line; the per-epoch summary line carries samples/s anyway.
         progress_bar=sys.stderr.isatty(),
         ray_log_level=ray_log_level,
+        figures=figures,
     )
 
 

@@ -66,7 +66,7 @@ def _drained() -> Any:
     """No test leaves work on a finaliser thread for the next one."""
     yield
     while TRACKERS:
-        TRACKERS.pop().finalizer.wait()
+        TRACKERS.pop()._writer().wait()
 
 
 def _parent(uri: str) -> tuple[str, str]:
@@ -187,7 +187,7 @@ def test_tracker_fills_in_epochs_tune_never_passed_on_from_the_checkpoint_histor
     resumed = _tracker(opener, folder=str(tmp_path))
     reads: list[str] = []
     monkeypatch.setattr(
-        "quakeray.search.tracker.read_history",
+        "quakeray.search.writer.read_history",
         lambda folder: reads.append(str(Path(folder) / "history.json")) or read_history(folder),
     )
     resumed.on_trial_result(0, [], trial, _result(3, 1.1, str(folder)))
@@ -214,7 +214,7 @@ def test_an_unfillable_gap_is_looked_up_once_and_the_epoch_still_logged(
     tracker.on_trial_result(0, [], trial, _result(3, 1.1, pruned))
     logged = MlflowClient(mlflow_uri).get_metric_history(run_id, SCORE_METRIC)
     assert [m.step for m in logged] == [2, 3]
-    assert tracker.gaps_looked_up == {run_id}
+    assert tracker._writer().writer.gaps_looked_up == {run_id}
 
 
 def test_runs_of_ended_trials_left_running_are_finished_from_tunes_record(
@@ -225,7 +225,7 @@ def test_runs_of_ended_trials_left_running_are_finished_from_tunes_record(
     finalized: list[tuple[str, str]] = []
     monkeypatch.setattr(
         "quakeray.tracking.outputs.finalize_run",
-        lambda uri, run_id, cfg, ckpt: finalized.append((run_id, ckpt)),
+        lambda uri, run_id, cfg, ckpt, **kw: finalized.append((run_id, ckpt)),
     )
     suggestions = [{"optim.epochs": 3}, {"optim.epochs": 3}, {"optim.epochs": 3}]
     opener = _opener(mlflow_uri, suggestions)
@@ -264,7 +264,7 @@ def test_tracker_finalizes_the_best_reported_checkpoint_and_closes(
 ) -> None:
     finalized: list[tuple[str, str, int]] = []
 
-    def record(uri: str, run_id: str, cfg: Any, checkpoint: str) -> None:
+    def record(uri: str, run_id: str, cfg: Any, checkpoint: str, **kwargs: Any) -> None:
         finalized.append((run_id, checkpoint, cfg.optim.epochs))
 
     monkeypatch.setattr("quakeray.tracking.outputs.finalize_run", record)
@@ -304,7 +304,8 @@ def test_tracker_finalizes_in_the_background_until_the_search_waits(
 ) -> None:
     release = threading.Event()
     monkeypatch.setattr(
-        "quakeray.tracking.outputs.finalize_run", lambda *args: release.wait(timeout=30) or None
+        "quakeray.tracking.outputs.finalize_run",
+        lambda *args, **kwargs: release.wait(timeout=30) or None,
     )
     opener = _opener(mlflow_uri, [{"loss.margin": 0.1}])
     config = opener.suggest("t1")
@@ -317,7 +318,7 @@ def test_tracker_finalizes_in_the_background_until_the_search_waits(
     assert client.get_run(run_id).info.status == "RUNNING"
     assert pickle.loads(pickle.dumps(tracker)).ref.uri == mlflow_uri  # Tune saves it meanwhile
     release.set()
-    tracker.finalizer.wait()
+    tracker._writer().wait()
     run = client.get_run(run_id)
     assert (run.info.status, run.data.tags[TAG_STATUS]) == ("FINISHED", "completed")
 
