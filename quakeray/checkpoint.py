@@ -57,6 +57,7 @@ __all__ = [
     "load_checkpoint",
     "parse_history",
     "prune_checkpoints",
+    "rank_key",
     "ranking_metric",
     "read_history",
     "read_metrics",
@@ -365,30 +366,44 @@ def find_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(p.parent for p in root.glob(f"*/{STATE_FILE}") if p.parent.name[0] != ".")
 
 
-def best_checkpoint(
-    run_dir: str | Path, metric: str | None = None, mode: str = "min"
-) -> Path | None:
-    """The checkpoint folder under ``run_dir`` with the best ``metric`` (NaN never wins).
+def rank_key(value: float | None, epoch: int) -> tuple[float, int]:
+    """How every part of quakeray ranks a run's epochs: the lower key is the better epoch.
 
-    ``metric`` None: the one the run ranked its checkpoints by (its config's
-    ``run.checkpoint_metric``, read from the newest checkpoint).
+    The lowest value of the run's ``run.checkpoint_metric`` wins (every metric a run can
+    rank by is an error or a loss); on a tie, the earlier epoch; a missing or non-finite
+    value never wins. The loop's best so far, the checkpoints kept, the checkpoint a
+    search finalises, tests and registers, and the one ``quakeray evaluate`` picks in a
+    run folder all come from this key.
     """
-    return _best_of(find_checkpoints(run_dir), metric, mode)
+    if value is None or not math.isfinite(value):
+        return (math.inf, int(epoch))
+    return (float(value), int(epoch))
 
 
-def _best_of(folders: Sequence[_Folder], metric: str | None, mode: str = "min") -> _Folder | None:
-    """The folder (a Path, or a URI string) with the best ``metric``; ties: the first name."""
-    if metric is None:
-        metric = ranking_metric(folders[-1]) if folders else SCORE_METRIC
+def best_checkpoint(run_dir: str | Path, metric: str | None) -> Path | None:
+    """The best checkpoint folder under ``run_dir`` (:func:`rank_key`), or None.
+
+    ``metric`` is the run's ``run.checkpoint_metric``; None reads it from the run's
+    newest checkpoint (a folder whose config the caller does not have).
+    """
+    return _best_of(find_checkpoints(run_dir), metric)
+
+
+def _best_of(folders: Sequence[_Folder], metric: str | None) -> _Folder | None:
+    """The folder (a Path, or a URI string) of the best epoch (:func:`rank_key`)."""
+    if not folders:
+        return None
+    ranked_by = metric or ranking_metric(folders[-1])
     scored = []
     for folder in folders:
-        value = read_metrics(folder).get(metric)
-        if value is not None and math.isfinite(value):
-            scored.append((value if mode == "min" else -value, storage.name(str(folder)), folder))
-    return min(scored)[2] if scored else None
+        metrics = read_metrics(folder)
+        key = rank_key(metrics.get(ranked_by), int(metrics.get("epoch") or 0))
+        if math.isfinite(key[0]):
+            scored.append((key, folder))
+    return min(scored, key=lambda kf: kf[0])[1] if scored else None
 
 
-def best_checkpoint_at(location: str, metric: str | None = None) -> str | None:
+def best_checkpoint_at(location: str, metric: str | None) -> str | None:
     """:func:`best_checkpoint` of a run folder that may be a URI (``s3://...``); as a string."""
     found = _best_of(_folders_at(location), metric)
     return None if found is None else str(found)
@@ -429,20 +444,21 @@ def ranking_metric(folder: str | Path) -> str:
     return str(run.get("checkpoint_metric", SCORE_METRIC))
 
 
-def prune_checkpoints(run_dir: str | Path, keep: int, metric: str = SCORE_METRIC) -> None:
-    """Delete all but the ``keep`` best checkpoints by ``metric`` (and always the latest).
+def prune_checkpoints(run_dir: str | Path, keep: int, metric: str) -> None:
+    """Delete all but the ``keep`` best checkpoints (:func:`rank_key`) and the latest.
 
     ``run_dir`` may be a URI (``s3://...``): what Ray Train's ``num_to_keep`` does for the
-    checkpoints it persists, for those a loop persists itself.
+    checkpoints it persists, for those a loop persists itself. ``metric`` is the run's
+    ``run.checkpoint_metric``.
     """
     folders = _folders_at(run_dir)
     if len(folders) <= keep:
         return
     latest = folders[-1]
 
-    def score(folder: str) -> float:
-        value = read_metrics(folder).get(metric)
-        return value if value is not None and math.isfinite(value) else math.inf
+    def score(folder: str) -> tuple[float, int]:
+        metrics = read_metrics(folder)
+        return rank_key(metrics.get(metric), int(metrics.get("epoch") or 0))
 
     ranked = sorted(folders, key=score)
     kept = set(ranked[:keep]) | {latest}

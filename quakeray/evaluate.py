@@ -197,7 +197,7 @@ def resolve_target(target: str, tracking_uri: str | None) -> str:
     if storage.is_remote(target):  # a checkpoint or run folder in a bucket (or file://)
         if storage.is_file(storage.join(target, STATE_FILE)):
             return target
-        found = best_checkpoint_at(target)
+        found = best_checkpoint_at(target, None)  # ranked as the run ranked them
         if found is None:
             raise CheckpointError(
                 f"{target} holds no checkpoint; pass a checkpoint folder or an MLflow run id"
@@ -205,7 +205,7 @@ def resolve_target(target: str, tracking_uri: str | None) -> str:
         return found
     path = Path(target).expanduser()
     if path.is_dir() and not (path / STATE_FILE).is_file():
-        best = best_checkpoint(path)
+        best = best_checkpoint(path, None)  # ranked as the run ranked them
         if best is None:
             raise CheckpointError(
                 f"{path} holds no checkpoint; pass a checkpoint folder or an MLflow run id"

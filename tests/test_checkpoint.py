@@ -44,7 +44,7 @@ def test_the_run_s_own_metric_picks_and_prunes(
 ) -> None:
     run = _run(tmp_path, metric)
     assert ranking_metric(find_checkpoints(run)[-1]) == metric
-    best = best_checkpoint(run)  # no metric named: the one the run ranked by
+    best = best_checkpoint(run, None)  # no metric named: the one the run ranked by
     assert best is not None and best.name == checkpoint_dir_name(best_epoch)
     prune_checkpoints(run, keep=1, metric=metric)
     kept = {f.name for f in find_checkpoints(run)}
@@ -83,4 +83,49 @@ def test_a_local_upload_replaces_a_folder_whole(tmp_path: Path) -> None:
 def test_a_checkpoint_from_before_the_setting_ranks_by_val_mae(tmp_path: Path) -> None:
     folder = save_checkpoint(tmp_path / checkpoint_dir_name(0), {"config": {}}, metrics={})
     assert ranking_metric(folder) == "val_MAE"
-    assert best_checkpoint(tmp_path / "empty") is None
+    assert best_checkpoint(tmp_path / "empty", None) is None
+
+
+def test_every_part_ranks_epochs_alike_lowest_then_earliest_and_never_nan(
+    tmp_path: Path,
+) -> None:
+    import math
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from quakeray.checkpoint import rank_key
+    from quakeray.search.runs import _best_reported
+    from quakeray.train.parts import Progress
+    from quakeray.train.trainer import best_checkpoint_path
+
+    values = [math.nan, 0.7, 0.5, 0.5, 0.9]  # epochs 2 and 3 tie: the earlier wins
+    assert min(range(5), key=lambda e: rank_key(values[e], e)) == 2
+    assert rank_key(None, 0) > rank_key(1e9, 9)  # a missing value never wins
+    cfg = load_config(None, ["run.checkpoint_metric=val_MAE"])
+    rows = []
+    for epoch, value in enumerate(values):
+        metrics = {"epoch": float(epoch), "val_MAE": value}
+        save_checkpoint(
+            tmp_path / checkpoint_dir_name(epoch), {"config": to_dict(cfg)}, metrics=metrics
+        )
+        rows.append(metrics | {"checkpoint_path": str(tmp_path / checkpoint_dir_name(epoch))})
+    winner = str(tmp_path / checkpoint_dir_name(2))
+    assert str(best_checkpoint(tmp_path, "val_MAE")) == winner  # the folder
+    assert best_checkpoint_at(str(tmp_path), "val_MAE") == winner
+    progress = Progress(metric="val_MAE")  # the loop's best so far
+    for row in rows:
+        progress.record({"epoch": row["epoch"], "val_MAE": row["val_MAE"]})
+    assert progress.best_epoch == 2
+    fit = SimpleNamespace(  # Ray Train's kept checkpoints, newest first
+        best_checkpoints=[
+            (SimpleNamespace(path=row["checkpoint_path"]), row) for row in reversed(rows)
+        ]
+    )
+    assert best_checkpoint_path(fit, run_dir=str(tmp_path), metric="val_MAE") == winner
+    assert _best_reported(pd.DataFrame(rows), "val_MAE", str(tmp_path)) == winner  # Tune's
+    prune_checkpoints(tmp_path, keep=1, metric="val_MAE")
+    assert [p.name for p in find_checkpoints(tmp_path)] == [
+        checkpoint_dir_name(2),
+        checkpoint_dir_name(4),  # the latest is always kept
+    ]

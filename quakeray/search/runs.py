@@ -30,10 +30,12 @@ Statuses (tag ``quakeray.status``, with the MLflow run status in brackets): ``ru
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from quakeray import storage, tracking
+from quakeray.checkpoint import rank_key
 from quakeray.config import ExperimentConfig, replace
 from quakeray.search.layout import SearchRef
 from quakeray.search.space import trial_config
@@ -257,14 +259,20 @@ def finish_orphaned_runs(
 
 
 def _best_reported(frame: Any, metric: str, train_storage: str) -> str | None:
-    """The reported checkpoint with the lowest ``metric`` in Tune's results table, or None."""
-    if not {metric, CHECKPOINT_KEY} <= set(frame.columns):
+    """The best reported checkpoint in Tune's results table (:func:`rank_key`), or None."""
+    if not {metric, CHECKPOINT_KEY, "epoch"} <= set(frame.columns):
         return None
-    scored = frame.dropna(subset=[metric, CHECKPOINT_KEY])
-    if not len(scored):
+    scored = [
+        (rank_key(value, int(epoch)), str(path))
+        for value, epoch, path in zip(
+            frame[metric], frame["epoch"], frame[CHECKPOINT_KEY], strict=True
+        )
+        if isinstance(path, str) and path and epoch == epoch  # NaN epoch: not an epoch's row
+    ]
+    scored = [(key, path) for key, path in scored if math.isfinite(key[0])]
+    if not scored:
         return None
-    best = scored.loc[scored[metric].idxmin(), CHECKPOINT_KEY]
-    return storage.with_scheme_of(str(best), train_storage)
+    return storage.with_scheme_of(min(scored)[1], train_storage)
 
 
 def close_open_children(

@@ -19,6 +19,7 @@ from ray.tune import Callback
 from ray.tune.search import Searcher
 
 from quakeray import storage
+from quakeray.checkpoint import rank_key
 from quakeray.config import ExperimentConfig
 from quakeray.metrics import EPOCH_METRICS
 from quakeray.search.layout import SearchRef
@@ -156,7 +157,7 @@ class TrialRunTracker(Callback):  # type: ignore[misc]
         self.base = base
         self.metric_names = metric_names
         self._stopped: set[str] = set()
-        self._best: dict[str, tuple[float, str]] = {}  # trial id -> (score, checkpoint)
+        self._best: dict[str, tuple[tuple[float, int], str]] = {}  # trial -> (rank, checkpoint)
         self.writer: WriterHandle | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -196,11 +197,11 @@ class TrialRunTracker(Callback):  # type: ignore[misc]
             return
         metric = trial_config(self.base, trial.config).run.checkpoint_metric
         raw, path = result.get(metric), result.get(CHECKPOINT_KEY)
-        score = float(raw) if isinstance(raw, (int, float)) else math.nan
+        key = rank_key(float(raw) if isinstance(raw, (int, float)) else None, int(result["epoch"]))
         best = self._best.get(trial.trial_id)
-        if path and math.isfinite(score) and (best is None or score < best[0]):
+        if path and math.isfinite(key[0]) and (best is None or key < best[0]):
             self._best[trial.trial_id] = (
-                score,
+                key,
                 storage.with_scheme_of(str(path), self.ref.train_root),
             )
         run_id = spec_of(trial.config).run_id

@@ -132,24 +132,18 @@ class TrialRunWriter:
         epoch = int(result["epoch"])
         if epoch in logged:
             return
+        missed: list[tuple[int, Mapping[str, Any]]] = []
         if run_id not in self._filled and any(e not in logged for e in range(epoch)):
             self._filled.add(run_id)  # one try per run and writer: a gap may be unfillable
             try:
-                missed = self._missed_epochs(result, before=epoch)
+                missed = self._history(result)
             except Exception:  # pruned, unreadable: the current epoch still gets logged
                 log.warning("trial run %s: epochs before %d are missing", run_id, epoch)
-                missed = []
-            for earlier, metrics in missed:
-                if earlier not in logged:
-                    logger.log_metrics(metrics, step=earlier)
-                    logged.add(earlier)
-        logger.log_metrics({k: result[k] for k in self.metric_names if k in result}, step=epoch)
-        logged.add(epoch)
+        epochs = [*((e, m) for e, m in missed if e < epoch), (epoch, result)]
+        logger.log_epochs(epochs, logged, keys=self.metric_names)
 
-    def _missed_epochs(
-        self, result: Mapping[str, Any], *, before: int
-    ) -> list[tuple[int, dict[str, float]]]:
-        """Epochs before ``before`` from the history in the result's checkpoint.
+    def _history(self, result: Mapping[str, Any]) -> list[tuple[int, Mapping[str, Any]]]:
+        """Every epoch in the history of the result's checkpoint.
 
         Tune never passes on the reports Train checkpointed while the driver was being
         interrupted; the resumed trial continues after them, so only its checkpoint's
@@ -160,14 +154,7 @@ class TrialRunWriter:
             return []
         # Only this small file, also from s3:// (a checkpoint holds the model's state).
         history = read_history(storage.with_scheme_of(str(path), self.ref.train_root))
-        return [
-            (
-                int(m.get("epoch") or 0),
-                {k: float(v) for k, v in m.items() if k in self.metric_names and v is not None},
-            )
-            for m in history
-            if int(m.get("epoch") or 0) < before  # null: non-finite, never sent to MLflow
-        ]
+        return [(int(m.get("epoch") or 0), m) for m in history]
 
     def finish(
         self,

@@ -86,11 +86,8 @@ class EpochLog:
     def _log_pending(self) -> None:
         if self._logged is None:
             self._logged = self._logger.logged_steps("epoch")
-        for epoch in sorted(self._pending):
-            if epoch not in self._logged:
-                self._logger.log_metrics(self._pending[epoch], step=epoch)
-                self._logged.add(epoch)
-            del self._pending[epoch]
+        self._logger.log_epochs(list(self._pending.items()), self._logged)
+        self._pending.clear()
 
     def _went_away(self, why: str) -> bool:
         """Say once that MLflow is away (until it answers again); False."""

@@ -17,7 +17,7 @@ import contextlib
 import functools
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlparse
@@ -312,7 +312,11 @@ class RunLogger:
         self.client = mlflow_client(uri)
 
     def log_metrics(
-        self, metrics: Mapping[str, float], step: int, *, tags: Mapping[str, Any] | None = None
+        self,
+        metrics: Mapping[str, float | None],
+        step: int,
+        *,
+        tags: Mapping[str, Any] | None = None,
     ) -> None:
         """Log finite numeric metrics at ``step``, and ``tags`` with them (one batch call)."""
         import time
@@ -332,6 +336,33 @@ class RunLogger:
                 metrics=batch[start : start + _MAX_METRICS_PER_BATCH],
                 tags=run_tags if start == 0 else [],
             )
+
+    def log_epochs(
+        self,
+        epochs: Iterable[tuple[int, Mapping[str, Any]]],
+        logged: set[int],
+        *,
+        keys: Collection[str] | None = None,
+    ) -> list[int]:
+        """Each epoch once: log those not in ``logged`` (oldest first) and add them to it.
+
+        The one routine that fills a run's epochs: a search's writer (an epoch, and a gap
+        before it from a checkpoint's history), rank 0 after a tracking outage, and
+        ``quakeray sync``. Values that are None (a non-finite value in ``history.json``)
+        or non-finite are left out; ``keys`` keeps only those metrics.
+
+        Returns:
+            The epochs logged now.
+        """
+        now = []
+        for epoch, metrics in sorted(epochs, key=lambda item: item[0]):
+            if epoch in logged:
+                continue
+            kept = {k: v for k, v in metrics.items() if keys is None or k in keys}
+            self.log_metrics(kept, step=epoch)  # drops None and non-finite values
+            logged.add(epoch)
+            now.append(epoch)
+        return now
 
     def logged_steps(self, key: str) -> set[int]:
         """Steps at which ``key`` was already logged (to skip them after a restart)."""

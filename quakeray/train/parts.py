@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from quakeray.checkpoint import load_checkpoint
+from quakeray.checkpoint import load_checkpoint, rank_key
 from quakeray.config import ExperimentConfig, replace
 from quakeray.data.prepare import PreparedData, train_subset
 from quakeray.data.quakeset import Layout, QuakeSetDataset, collate
@@ -89,9 +89,9 @@ class Progress:
 
     def record(self, metrics: dict[str, float]) -> None:
         """Add an epoch's metrics; a better (finite) score becomes the best."""
-        score = metrics[self.metric]
-        if math.isfinite(score) and score < self.best:
-            self.best, self.best_epoch = score, int(metrics["epoch"])
+        score, epoch = metrics[self.metric], int(metrics["epoch"])
+        if rank_key(score, epoch) < rank_key(self.best, self.best_epoch):
+            self.best, self.best_epoch = score, epoch
         self.history.append(metrics)
         self.next_epoch = int(metrics["epoch"]) + 1
 

@@ -84,17 +84,15 @@ def sync_run(run_dir: str | Path) -> SyncResult:
         cfg = checkpoint_config(load_checkpoint(folders[-1]), source=str(folders[-1]))
         history = read_history(folders[-1])
         logger = tracking.RunLogger(uri, run_id)
-        in_mlflow = logger.logged_steps("epoch")
-        missing = [m for m in history if int(m.get("epoch") or 0) not in in_mlflow]
-        for metrics in missing:
-            kept = {k: float(v) for k, v in metrics.items() if v is not None}
-            logger.log_metrics(kept, step=int(kept["epoch"]))
+        logged_now = logger.log_epochs(
+            [(int(m.get("epoch") or 0), m) for m in history], logger.logged_steps("epoch")
+        )
         epochs_run = int(history[-1].get("epoch") or 0) + 1 if history else 0
         run = tracking.mlflow_client(uri).get_run(run_id)
         outputs = False
         status = run.info.status
         if epochs_run >= cfg.optim.epochs:
-            best = best_checkpoint(folder)
+            best = best_checkpoint(folder, cfg.run.checkpoint_metric)
             if best is not None and run.data.tags.get(tags.BEST_CHECKPOINT) != str(best):
                 from quakeray.tracking.outputs import finalize_run
 
@@ -108,7 +106,7 @@ def sync_run(run_dir: str | Path) -> SyncResult:
     return SyncResult(
         run_id=run_id,
         tracking_uri=uri,
-        epochs_logged=[int(m.get("epoch") or 0) for m in missing],
+        epochs_logged=logged_now,
         outputs_logged=outputs,
         status=status,
         epochs_run=epochs_run,

@@ -18,11 +18,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from quakeray import storage
-from quakeray.checkpoint import best_checkpoint_at, latest_checkpoint_at
+from quakeray.checkpoint import best_checkpoint_at, latest_checkpoint_at, rank_key
 from quakeray.config import ExperimentConfig
 from quakeray.data.prepare import PreparedData
 from quakeray.errors import QuakerayError
-from quakeray.metrics import SCORE_METRIC
 from quakeray.train.loop import LoopConfig, train_loop_per_worker
 
 if TYPE_CHECKING:
@@ -190,16 +189,19 @@ def fit(trainer: Any) -> Any:
             signal.signal(signal.SIGINT, previous)
 
 
-def best_checkpoint_path(result: Any, *, run_dir: str, metric: str = SCORE_METRIC) -> str | None:
-    """The best checkpoint of a finished ``fit`` by ``metric`` (lower wins), as a path or URI."""
-    scored = []
-    for ckpt, metrics in getattr(result, "best_checkpoints", None) or []:
-        value = metrics.get(metric, math.nan)
-        if value is not None and math.isfinite(value):
-            path = storage.with_scheme_of(str(ckpt.path), run_dir)
-            scored.append((value, -int(metrics.get("epoch", 0)), path))
+def best_checkpoint_path(result: Any, *, run_dir: str, metric: str) -> str | None:
+    """The best checkpoint of a finished ``fit``, as a path or URI.
+
+    Ranked by :func:`~quakeray.checkpoint.rank_key` on ``metric``, the run's
+    ``run.checkpoint_metric``.
+    """
+    scored = [
+        (rank_key(metrics.get(metric), int(metrics.get("epoch", 0))), str(ckpt.path))
+        for ckpt, metrics in getattr(result, "best_checkpoints", None) or []
+    ]
+    scored = [(key, path) for key, path in scored if math.isfinite(key[0])]
     if scored:
-        return str(min(scored)[2])
+        return storage.with_scheme_of(min(scored)[1], run_dir)
     found = best_checkpoint_at(run_dir, metric)
     if found is not None:
         return found

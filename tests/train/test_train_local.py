@@ -75,7 +75,7 @@ def test_checkpoints_are_self_describing(local_run: LocalRun) -> None:
     summary = local_run.summary
     folders = find_checkpoints(summary.run_dir)
     assert [f.name for f in folders] == [f"checkpoint_epoch_{e:04d}" for e in range(EPOCHS)]
-    assert summary.best_checkpoint == str(best_checkpoint(summary.run_dir))
+    assert summary.best_checkpoint == str(best_checkpoint(summary.run_dir, None))
     # Plain tensors and types only: loads with weights_only=True.
     state = torch.load(Path(summary.best_checkpoint) / STATE_FILE, weights_only=True)
     for key in ("model", "optimizer", "scheduler", "epoch", "config", "stats", "best_metric"):
@@ -147,8 +147,8 @@ def test_prune_keeps_top_k_and_latest(local_run: LocalRun, tmp_path: Path) -> No
     run_dir = tmp_path / "run"
     shutil.copytree(local_run.summary.run_dir, run_dir)
     folders = find_checkpoints(run_dir)
-    best = best_checkpoint(run_dir)
-    prune_checkpoints(run_dir, keep=1)
+    best = best_checkpoint(run_dir, None)
+    prune_checkpoints(run_dir, keep=1, metric="val_MAE")
     kept = find_checkpoints(run_dir)
     assert best in kept and folders[-1] in kept and len(kept) <= 2
 
@@ -195,7 +195,7 @@ def test_the_paper_protocol_keeps_the_best_val_loss_checkpoint(local_run: LocalR
     history = read_history(find_checkpoints(summary.run_dir)[-1])
     by_loss = min(history, key=lambda m: m["val_loss"])
     assert summary.best_epoch == int(by_loss["epoch"])
-    assert summary.best_checkpoint == str(best_checkpoint(summary.run_dir))
+    assert summary.best_checkpoint == str(best_checkpoint(summary.run_dir, None))
     state = torch.load(Path(summary.best_checkpoint) / STATE_FILE, weights_only=True)
     assert state["best_metric"] == pytest.approx(by_loss["val_loss"])
     # Pruned by val_loss: its best and the latest stay.
@@ -422,7 +422,7 @@ def test_workers_leave_mlflow_to_a_driver_that_logs(
     assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.25"
     trainer.fit()
     assert MlflowClient(local_run.uri).get_run(run_id).data.metrics == {}
-    ckpt = best_checkpoint(local_run.root / "ray_results" / "driver-logs")
+    ckpt = best_checkpoint(local_run.root / "ray_results" / "driver-logs", None)
     assert ckpt is not None
     assert load_checkpoint(ckpt)["mlflow_run_id"] == run_id
 
