@@ -136,3 +136,17 @@ def test_a_restored_tuner_gives_back_its_search_alg_and_callbacks(
     restored = tune.Tuner.restore(str(tmp_path / "compat"), _trainable)
     assert [type(c) for c in compat.restored_callbacks(restored)] == [_Callback]
     assert isinstance(compat.restored_search_alg(restored), ConcurrencyLimiter)
+
+
+def test_a_deprecation_in_an_api_quakeray_calls_fails_the_test() -> None:
+    """pyproject's filterwarnings: a library's deprecation, warned at its caller in quakeray."""
+    import warnings
+
+    def old_api() -> None:
+        warnings.warn("old_api is deprecated", DeprecationWarning, stacklevel=2)
+
+    caller = compile("old_api()", "quakeray/caller.py", "exec")
+    with pytest.raises(DeprecationWarning, match="old_api is deprecated"):
+        exec(caller, {"__name__": "quakeray.caller", "old_api": old_api})
+    with warnings.catch_warnings(record=True):  # the same call from elsewhere only shows
+        exec(caller, {"__name__": "elsewhere", "old_api": old_api})
