@@ -1,22 +1,22 @@
 """MLflow runs of a search: one parent run, one child run per trial, none left RUNNING.
 
-The driver does all of a search's MLflow work; trials and their Train workers do none.
-This keeps MLflow (1.5 s of imports and store set-up in a fresh process) off every
-trial's critical path, and gives the tracking store a single writer per search:
+A search's runs are written from its driver's node; trials and their Train workers write
+none (but their test score with ``search.test_trials``). This keeps MLflow (1.5 s of
+imports and store set-up in a fresh process) off every trial's critical path, and gives
+each run one writer:
 
 - the driver opens and closes the **parent** run (reopened on ``--resume``);
-- :class:`~quakeray.search.tracker.TrialRunOpener`, the outermost searcher, opens a
-  trial's **child** run when it suggests the trial and hands the run id to the trial in
-  its :class:`~quakeray.search.trial_spec.TrialSpec`, so the trial's checkpoints name
-  their run;
-- :class:`~quakeray.search.tracker.TrialRunTracker`, a Tune callback, logs every
-  result's epoch metrics into the child run, reopens the run of a restarted trial (no
-  duplicates), and closes it through :func:`finish_trial_run` on its finaliser thread
-  (:class:`~quakeray.search.finalizer.Finalizer`): completed trials and those stopped early by ASHA
-  first get their best checkpoint's outputs, then end ``completed`` or ``stopped``;
-  failed trials end ``failed`` with their error;
+- the search's writer (:mod:`quakeray.search.writer`, an actor beside the driver) writes
+  every trial's **child** run: :class:`~quakeray.search.tracker.TrialRunOpener`, the
+  outermost searcher, has it opened when it suggests the trial and hands the run id to
+  the trial in its :class:`~quakeray.search.trial_spec.TrialSpec`;
+  :class:`~quakeray.search.tracker.TrialRunTracker`, a Tune callback, has each epoch
+  logged once, the run of a restarted trial reopened, and the run closed through
+  :func:`finish_trial_run`: completed trials and those stopped early by ASHA first get
+  their best checkpoint's outputs, then end ``completed`` or ``stopped``; failed trials
+  end ``failed`` with their error;
 - :func:`finish_orphaned_runs` finishes, at the search's end, the runs of trials Tune
-  saved as ended before a killed driver's finaliser closed them;
+  saved as ended before a killed driver's writer closed them;
 - trials cut off with the driver (Ctrl-C, an error in Tune) are closed ``cancelled`` by
   :func:`close_open_children` once ``Tuner.fit`` returns or raises (Tune marks them
   TERMINATED on its way out, so a callback cannot tell them apart). After a killed driver
@@ -208,7 +208,7 @@ def finish_orphaned_runs(
 ) -> int:
     """Finalise and close the runs of trials Tune ended but no finaliser closed.
 
-    Tune saves a trial as ended while the finaliser thread may still hold its run; a
+    Tune saves a trial as ended while the writer may still hold its run; a
     driver killed then leaves the run RUNNING, and ``--resume`` does not rerun the trial.
     Its best reported checkpoint comes from Tune's record of its results.
 
@@ -217,7 +217,7 @@ def finish_orphaned_runs(
         results: Tune's results (``ResultGrid``): ``config``, ``error``,
             ``metrics_dataframe``.
         base: The search's resolved config.
-        finalising: Runs a finaliser thread still holds (left alone).
+        finalising: Runs the writer still holds (left alone).
 
     Returns:
         How many runs were finished here.
@@ -293,7 +293,7 @@ def close_open_children(
     Args:
         ref: The search.
         tune_runs: The run ids of every trial Tune knows (None: unknown, delete nothing).
-        finalising: Runs a finaliser thread still holds (a second Ctrl-C cut the wait for
+        finalising: Runs the writer still holds (a second Ctrl-C cut the wait for
             them short): left alone.
     """
     client = tracking.mlflow_client(ref.uri)

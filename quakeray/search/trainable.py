@@ -1,16 +1,16 @@
 """The trainable: one Tune trial's config, its training, and (optionally) its test score.
 
 A trial is a function: Tune calls :func:`search_trial` in the trial's own process with
-the sampled config and its :class:`~quakeray.search.trial_spec.TrialSpec`. A
-multi-worker trial builds a ``TorchTrainer`` (Train V2's pattern)
-whose workers report each epoch to Tune through Train's ``TuneReportCallback``. A
-single-worker trial (``search.in_process_trials``) runs the same worker loop right there,
-reporting to Tune itself (:class:`~quakeray.train.session.TuneTrialSession`): no Train
-controller and worker group to start and stop, and Tune keeps the process for the next
-trial. Either way each epoch's checkpoint lands in the trial's Train folder (on resume, maybe
-an earlier trial's: :mod:`quakeray.search.recovery`) and reaches Tune as the same result.
-What a trial needs besides its config is one :class:`TrialSetup`, shipped once through
-Ray's object store (:func:`trainable`).
+the sampled config and its :class:`~quakeray.search.trial_spec.TrialSpec`. A multi-worker
+trial builds a ``TorchTrainer`` (Train V2's pattern) whose workers report each epoch to
+Tune through Train's ``TuneReportCallback``. A single-worker trial
+(``search.in_process_trials``) runs the same worker loop right there, reporting to Tune
+itself (:class:`~quakeray.train.session.TuneTrialSession`): no Train controller and worker
+group to start and stop, and Tune keeps the process for the next trial. Either way each
+epoch's checkpoint lands in the trial's Train folder (on resume, maybe an earlier
+trial's: :mod:`quakeray.search.recovery`) and reaches Tune as the same result. What a
+trial needs besides its config is one :class:`TrialSetup`, shipped once through Ray's
+object store (:func:`trainable`).
 """
 
 from __future__ import annotations
@@ -84,10 +84,11 @@ def trainable(setup: TrialSetup) -> Any:
 def search_trial(config: dict[str, Any], *, setup: TrialSetup) -> None:
     """One Tune trial: its config, then its training (and a test evaluation).
 
-    MLflow is the driver's job (:mod:`quakeray.search.tracker`): the run was opened when
-    the trial was suggested, its id is in the trial's spec, and the driver logs each
-    epoch and closes the run. A failure (bad config, OOM, a worker error) raises, so Tune records
-    the trial as errored, the driver closes its run FAILED and the search goes on.
+    MLflow is the search's writer's job (:mod:`quakeray.search.writer`): the run was opened
+    when the trial was suggested, its id is in the trial's spec, and the writer logs each
+    epoch Tune receives and closes the run. A failure (bad config, OOM, a worker error)
+    raises, so Tune records the trial as errored, its run ends FAILED and the search goes
+    on.
     """
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -134,7 +135,7 @@ def search_trial(config: dict[str, Any], *, setup: TrialSetup) -> None:
             run_dir=run_dir,
             tracking_uri=setup.ref.uri,
             mlflow_run_id=run_id,
-            log_metrics=False,  # the driver logs what Tune receives
+            log_metrics=False,  # the search's writer logs what Tune receives
             resume_from=latest,  # found above: not listed again
             in_trial=True,
             figures=cfg.search.trial_figures,  # drawn here, off the driver
@@ -156,7 +157,7 @@ def search_trial(config: dict[str, Any], *, setup: TrialSetup) -> None:
         storage_path=setup.ref.train_root,
         tracking_uri=setup.ref.uri,
         mlflow_run_id=run_id,
-        log_metrics=False,  # the driver logs what Tune receives
+        log_metrics=False,  # the search's writer logs what Tune receives
         callbacks=[TuneReportCallback()],  # type: ignore[no-untyped-call]
         figures=cfg.search.trial_figures,  # drawn by rank 0, off the driver
     )
