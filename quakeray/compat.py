@@ -32,6 +32,7 @@ __all__ = [
     "optuna_study",
     "optuna_trial",
     "restored_callbacks",
+    "restored_scheduler",
     "restored_search_alg",
     "set_searcher_objective",
     "tune_was_interrupted",
@@ -151,6 +152,16 @@ def restored_search_alg(tuner: Tuner) -> Any:
     """
     internal: Any = tuner._local_tuner
     return internal._tune_config.search_alg
+
+
+def restored_scheduler(tuner: Tuner) -> Any:
+    """The trial scheduler of a ``Tuner.restore`` d experiment, as the search started it.
+
+    Tune saves no scheduler state: what a resumed search knows of its ended trials is
+    handed to this object before ``fit`` (a resumed ASHA's rungs).
+    """
+    internal: Any = tuner._local_tuner
+    return internal._tune_config.scheduler
 
 
 # --------------------------------------------------------------------------- Optuna search

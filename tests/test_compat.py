@@ -14,6 +14,7 @@ from typing import Any
 import optuna
 import pytest
 from ray import tune
+from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
@@ -126,7 +127,11 @@ def test_a_restored_tuner_gives_back_its_search_alg_and_callbacks(
     )
     tuner = tune.Tuner(
         _trainable,
-        tune_config=tune.TuneConfig(search_alg=search_alg, num_samples=2),
+        tune_config=tune.TuneConfig(
+            search_alg=search_alg,
+            scheduler=ASHAScheduler(metric="loss", mode="min", max_t=2),
+            num_samples=2,
+        ),
         run_config=tune.RunConfig(
             name="compat", storage_path=str(tmp_path), callbacks=[_Callback()]
         ),
@@ -136,6 +141,7 @@ def test_a_restored_tuner_gives_back_its_search_alg_and_callbacks(
     restored = tune.Tuner.restore(str(tmp_path / "compat"), _trainable)
     assert [type(c) for c in compat.restored_callbacks(restored)] == [_Callback]
     assert isinstance(compat.restored_search_alg(restored), ConcurrencyLimiter)
+    assert isinstance(compat.restored_scheduler(restored), ASHAScheduler)
 
 
 def test_a_deprecation_in_an_api_quakeray_calls_fails_the_test() -> None:

@@ -119,9 +119,11 @@ def _search(
         search = Search(cfg, state.ref(folder), data)
         tracking.mlflow_client(uri).update_run(search.ref.parent_run_id, status="RUNNING")
         tuner = restored_tuner(search, folder=folder, test_trials=cfg.search.test_trials)
-        saved = tuner.tuner.get_results()  # the trials Tune saved (read from the folder)
-        known = {spec_of(c).run_id for c in _configs(saved)} - {""}
-        tuner.opener.recover(plan_recovery(search.ref, known_run_ids=known))
+        # What the killed driver left, read once, then handed to whoever acts on it.
+        plan = plan_recovery(search.ref, results_list(tuner.tuner.get_results()))
+        finish_orphaned_runs(search.ref, plan.ended, base=cfg)
+        tuner.opener.recover(plan)
+        tuner.rebuild_rungs(plan.histories)
     else:
         search, searcher = _start(cfg, uri, data)
         hold.enter_context(_claimed(search.ref.folder))
@@ -130,7 +132,7 @@ def _search(
             searcher,
             folder=search.ref.folder,
             num_samples=num_trials(cfg),
-            scheduler=build_scheduler(cfg, train_storage=search.ref.train_root),
+            scheduler=build_scheduler(cfg),
             test_trials=cfg.search.test_trials,
             callbacks=callbacks,
         )
@@ -249,7 +251,6 @@ def _configs(results: ResultGrid) -> list[dict[str, Any]]:
 def _finish(search: Search, results: ResultGrid) -> SearchSummary:
     """Close every trial run, log the results to the parent, pick and test the best."""
     cfg, s, ref = search.cfg, search.cfg.search, search.ref
-    finish_orphaned_runs(ref, results, base=cfg)
     # Nobody stays RUNNING, whatever happened.
     tune_runs = {spec_of(c).run_id for c in _configs(results)} - {""}
     close_open_children(ref, tune_runs=tune_runs)

@@ -7,10 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
-from quakeray import storage
-from quakeray.checkpoint import read_history
 from quakeray.config import ExperimentConfig
-from quakeray.search.runs import CHECKPOINT_KEY
 from quakeray.search.trial_spec import spec_of
 
 if TYPE_CHECKING:
@@ -38,21 +35,24 @@ class EpochASHA(AsyncHyperBandScheduler):  # type: ignore[misc]
       Their results still set the rungs' cut-offs for the other trials.
     - Tune does not save a scheduler's state with the experiment, so a resumed search
       would judge its next trials against empty rungs. The rungs are rebuilt instead
-      from each ended trial's epochs (its checkpoint's ``history.json``); a trial that
-      runs again reports its epochs again first, and ASHA judges them as it would have
-      (:func:`quakeray.search.trial.search_trial`).
+      from each ended trial's epochs, which the resumed search's
+      :class:`~quakeray.search.recovery.RecoveryPlan` read from their checkpoints
+      (:meth:`rebuild_rungs`); a trial that runs again reports its epochs again first,
+      and ASHA judges them as it would have (:func:`quakeray.search.trainable.search_trial`).
 
     Args:
         max_epochs: The most epochs a trial can run (ASHA's ``max_t``).
-        train_storage: Where the trials' Train runs are (gives reported checkpoint paths
-            their scheme, to read their history).
         **asha: ``AsyncHyperBandScheduler``'s other arguments.
     """
 
-    def __init__(self, *, max_epochs: int, train_storage: str = "", **asha: Any) -> None:
+    def __init__(self, *, max_epochs: int, **asha: Any) -> None:
         super().__init__(time_attr=EPOCHS_DONE, max_t=max_epochs, **asha)
         self.max_epochs = max_epochs
-        self.train_storage = train_storage
+        self.histories: dict[str, list[dict[str, float]]] = {}  # of ended restored trials
+
+    def rebuild_rungs(self, histories: dict[str, list[dict[str, float]]]) -> None:
+        """Epochs of the ended trials a resumed search restores (trial id -> its epochs)."""
+        self.histories = dict(histories)
 
     def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
         """A new trial gets its bracket; a restored, ended one puts its epochs in the rungs.
@@ -62,7 +62,7 @@ class EpochASHA(AsyncHyperBandScheduler):  # type: ignore[misc]
         super().on_trial_add(tune_controller, trial)
         if trial.status == "PENDING":
             return
-        for metrics in self._restored_history(trial):
+        for metrics in self.histories.pop(trial.trial_id, []):
             # The decision was taken when the epoch first ran; only the rung is rebuilt.
             super().on_trial_result(tune_controller, trial, _with_epoch_time(metrics))
 
@@ -78,19 +78,6 @@ class EpochASHA(AsyncHyperBandScheduler):  # type: ignore[misc]
         """Record the final result on epochs completed."""
         super().on_trial_complete(tune_controller, trial, _with_epoch_time(result))
 
-    def _restored_history(self, trial: Trial) -> list[dict[str, Any]]:
-        """Every epoch a restored trial reported, from its last checkpoint; [] if none."""
-        path = (trial.last_result or {}).get(CHECKPOINT_KEY)
-        if not path:
-            return []
-        folder = storage.with_scheme_of(str(path), self.train_storage)
-        try:
-            history = read_history(folder)
-        except Exception:  # unreadable: the rungs miss this trial
-            log.warning("trial %s: no history in %s for ASHA's rungs", trial.trial_id, folder)
-            return []
-        return [{k: v for k, v in m.items() if v is not None} for m in history]
-
 
 def _with_epoch_time(result: dict[str, Any]) -> dict[str, Any]:
     if "epoch" not in result:
@@ -98,7 +85,7 @@ def _with_epoch_time(result: dict[str, Any]) -> dict[str, Any]:
     return {**result, EPOCHS_DONE: int(result["epoch"]) + 1}
 
 
-def build_scheduler(cfg: ExperimentConfig, *, train_storage: str = "") -> EpochASHA | None:
+def build_scheduler(cfg: ExperimentConfig) -> EpochASHA | None:
     """ASHA over epochs (``max_t`` = the most epochs a trial can run), or None."""
     s = cfg.search
     if not s.asha:
@@ -106,7 +93,6 @@ def build_scheduler(cfg: ExperimentConfig, *, train_storage: str = "") -> EpochA
     max_t = max_epochs(cfg)
     return EpochASHA(
         max_epochs=max_t,
-        train_storage=train_storage,
         grace_period=min(s.grace_period, max_t),
         reduction_factor=s.reduction_factor,
     )

@@ -16,7 +16,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from quakeray import tracking
-from quakeray.compat import restored_callbacks, restored_search_alg, tune_was_interrupted
+from quakeray.compat import (
+    restored_callbacks,
+    restored_scheduler,
+    restored_search_alg,
+    tune_was_interrupted,
+)
 from quakeray.config import ExperimentConfig
 from quakeray.data.prepare import PreparedData
 from quakeray.errors import SearchError
@@ -24,6 +29,7 @@ from quakeray.metrics import EPOCH_METRICS
 from quakeray.search.console import EpochLines
 from quakeray.search.layout import SearchRef
 from quakeray.search.runs import close_open_children
+from quakeray.search.scheduler import EpochASHA
 from quakeray.search.tracker import TrialRunOpener, TrialRunTracker
 from quakeray.search.trainable import TrialSetup, in_process, trainable
 from quakeray.search.writer import WriterHandle, start_writer
@@ -56,6 +62,12 @@ class SearchTuner:
     opener: TrialRunOpener  # opens each trial's run; continues what a killed driver left
     tracker: TrialRunTracker  # passes each epoch on; has the runs of ended trials closed
     writer: WriterHandle  # writes the trials' runs (beside the driver's loop)
+
+    def rebuild_rungs(self, histories: dict[str, list[dict[str, float]]]) -> None:
+        """Hand a restored experiment's ASHA the epochs of its ended trials (no ASHA: none)."""
+        scheduler = restored_scheduler(self.tuner)
+        if isinstance(scheduler, EpochASHA):
+            scheduler.rebuild_rungs(histories)
 
     @classmethod
     def of(
