@@ -28,6 +28,7 @@ from quakeray.errors import ClusterError
 
 __all__ = [
     "DRIVER_LOG",
+    "VERBOSE_ENV",
     "check_resources",
     "init_ray",
     "is_verbose",
@@ -45,21 +46,24 @@ DRIVER_LOG = "quakeray-driver-{pid}.log"
 
 _RAY_LOG_FORMAT = "%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s"
 
-_verbose = False
+VERBOSE_ENV = "QUAKERAY_VERBOSE"
+"""The process's console setting, in its environment: the processes it starts inherit it."""
 
 
 def set_verbose(verbose: bool) -> None:
     """Show Ray's own lines on the console (``--verbose``, ``--debug``), or only its errors.
 
     Read when Ray is started (:func:`init_ray`): a Ray already running keeps its settings.
+    Kept in the environment (:data:`VERBOSE_ENV`), a setting of the process like a log
+    level, rather than in this module: nothing of quakeray's passes state through module
+    globals.
     """
-    global _verbose
-    _verbose = verbose
+    os.environ[VERBOSE_ENV] = "1" if verbose else "0"
 
 
 def is_verbose() -> bool:
     """Whether Ray's own lines reach the console (:func:`set_verbose`)."""
-    return _verbose
+    return os.environ.get(VERBOSE_ENV, "0") == "1"
 
 
 def ray_address(cfg: ExperimentConfig) -> str:
@@ -89,8 +93,9 @@ def init_ray(
         return
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     address = ray_address(cfg)
-    forward = _verbose or worker_output
-    held = None if _verbose else _hold_ray_lines()
+    verbose = is_verbose()
+    forward = verbose or worker_output
+    held = None if verbose else _hold_ray_lines()
     session_dir = ""
     try:
         if address:
